@@ -1,0 +1,40 @@
+# The two commands the README promises: `make run` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+APT_PKGS := wireguard-tools wireguard-go iproute2 iptables nftables iputils-ping \
+            prometheus prometheus-alertmanager chromium
+LISTEN  ?= :9586
+
+.PHONY: run test lint system-deps venv clean
+
+$(BIN)/wgnest: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/wgnest
+
+# Debian packages the suite drives for real. --no-install-recommends: a plain install of
+# wireguard-tools would pull in a kernel image.
+system-deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: system-deps venv
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check exporter tests bench
+	$(BIN)/mypy
+
+run: venv
+	$(BIN)/wgnest check || true
+	$(BIN)/wgnest serve --web.listen-address $(LISTEN)
+
+clean:
+	rm -rf $(VENV) build dist

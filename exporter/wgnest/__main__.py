@@ -1,0 +1,3 @@
+from wgnest.cli import main
+
+raise SystemExit(main())

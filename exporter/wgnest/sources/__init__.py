@@ -1,0 +1,1 @@
+"""Sources: read the host (netlink, UAPI) and return plain model objects."""

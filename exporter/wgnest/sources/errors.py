@@ -1,0 +1,27 @@
+"""The one error type sources raise, with a small fixed set of reasons (a metric label)."""
+
+from __future__ import annotations
+
+import errno as errno_mod
+
+REASONS = ("timeout", "refused", "parse", "errno", "eperm", "enodev", "dump_intr", "other")
+
+
+class SourceError(Exception):
+    """A source could not be read. `reason` is one of REASONS; the message names the input."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in REASONS else "other"
+
+
+def reason_for_errno(code: int | None) -> str:
+    if code in (errno_mod.EPERM, errno_mod.EACCES):
+        return "eperm"
+    if code in (errno_mod.ENODEV, errno_mod.ENOENT, errno_mod.ENXIO):
+        return "enodev"
+    if code == errno_mod.ECONNREFUSED:
+        return "refused"
+    if code in (errno_mod.ETIMEDOUT, errno_mod.EAGAIN):
+        return "timeout"
+    return "errno"
