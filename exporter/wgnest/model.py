@@ -148,8 +148,8 @@ class Snapshot:
     rules: tuple[Rule, ...] = ()
     defaults: tuple[DefaultRoute, ...] = ()
     lookups: dict[Flow, RouteAnswer] = field(default_factory=dict)
-    # source name -> error text for sources that failed (success when absent)
-    errors: dict[str, str] = field(default_factory=dict)
+    # collector name -> (reason, message) for sources that failed (success when absent)
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
 
 

@@ -1,0 +1,1 @@
+"""Pure functions over a Snapshot: no I/O."""

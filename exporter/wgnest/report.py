@@ -1,0 +1,148 @@
+"""`wgnest check` output: a Nagios-style verdict, human text and JSON, from a diagnosis."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
+from wgnest.model import Snapshot
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+STATUS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+# Without these the diagnosis cannot be trusted at all.
+ESSENTIAL = ("links", "route_lookup")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: int
+    summary: str
+
+
+def verdict(snap: Snapshot, paths: Sequence[PeerPath]) -> Verdict:
+    nested = sum(p.verdict == NESTED and not p.allowed for p in paths)
+    loops = sum(p.verdict == LOOP for p in paths)
+    allowed = sum(p.verdict == NESTED and p.allowed for p in paths)
+    no_route = sum(p.verdict == NO_ROUTE for p in paths)
+    counts = f"{len(snap.devices)} tunnels, {len(paths)} peers"
+    broken = [c for c, (r, _m) in snap.errors.items() if c in ESSENTIAL or r == "eperm"]
+    if nested or loops:
+        return Verdict(CRITICAL, f"{nested} nested, {loops} routing loops ({counts})")
+    if broken:
+        reason, message = snap.errors[broken[0]]
+        hint = " (needs root or CAP_NET_ADMIN)" if reason == "eperm" else ""
+        return Verdict(UNKNOWN, f"cannot read {broken[0]} ({reason}): {message}{hint}")
+    if not snap.devices and not snap.errors:
+        return Verdict(OK, "no WireGuard devices found")
+    problems = []
+    if no_route:
+        problems.append(f"{no_route} endpoints without a route")
+    problems += [f"{c} failed ({r}): {m}" for c, (r, m) in snap.errors.items()]
+    if problems:
+        return Verdict(WARNING, "; ".join(problems) + f" ({counts})")
+    tail = f", {allowed} nested as allowed" if allowed else ""
+    return Verdict(OK, f"no nesting ({counts}{tail})")
+
+
+def _config_file(config_dir: Path, device: str) -> str:
+    path = config_dir / f"{device}.conf"
+    return str(path) if path.exists() else f"{device}'s config"
+
+
+def _short(key: str) -> str:
+    return key[:8] + "…" if len(key) > 9 else key
+
+
+def _peer_line(p: PeerPath) -> str:
+    if p.verdict == NO_ENDPOINT:
+        return f"  peer {_short(p.public_key)}  no endpoint (waits for the peer to connect)"
+    route = f"via {p.egress or '?'}"
+    extras = [f"table {p.table}"] if p.table else []
+    if p.gateway:
+        extras.append(f"gw {p.gateway}")
+    if extras:
+        route += f" ({', '.join(extras)})"
+    head = f"  peer {_short(p.public_key)}  endpoint {p.endpoint}  {route}  "
+    if p.verdict == DIRECT:
+        return head + "direct"
+    if p.verdict == NESTED:
+        state = "nested (allowed)" if p.allowed else "NESTED"
+        return head + f"{state} in {p.outer} [{' -> '.join(p.chain)}]"
+    if p.verdict == LOOP:
+        return head + f"ROUTING LOOP [{' -> '.join(p.chain)}]"
+    return head + f"{p.verdict.upper()}: {p.error}"
+
+
+def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
+    lines = []
+    if p.mtu is not None and p.mtu.cost_bytes:
+        lines.append(f"    MTU: {p.device} has {p.mtu.device_mtu}; {p.mtu.usable_mtu} fits through "
+                     f"{p.outer}, {p.mtu.direct_mtu} would direct: nesting costs "
+                     f"{p.mtu.cost_bytes} bytes")
+    fix = p.fix
+    if fix is None or (p.verdict == NESTED and p.allowed):
+        return lines
+    if fix.kind == "fwmark":
+        lines.append(f"    fix: add to the [Interface] section of {_config_file(config_dir, p.device)}:"
+                     f"  {fix.config_line}")
+        lines.append(f"         now, at runtime: {fix.command}   ({fix.explanation})")
+    else:
+        lines.append(f"    fix: {fix.command}")
+        lines.append(f"         ({fix.explanation})")
+    return lines
+
+
+def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path) -> str:
+    v = verdict(snap, paths)
+    out = [f"WGNEST {STATUS[v.code]} - {v.summary}"]
+    for dev in snap.devices:
+        mark = f"{dev.fwmark:#x}" if dev.fwmark else "off"
+        out.append(f"{dev.name}  {dev.implementation}  fwmark {mark}  listen {dev.listen_port}"
+                   f"  mtu {dev.mtu}  peers {len(dev.peers)}")
+        for p in paths:
+            if p.device == dev.name:
+                out.append(_peer_line(p))
+                out.extend(_fix_lines(p, config_dir))
+    for collector, (reason, message) in snap.errors.items():
+        out.append(f"source {collector} failed ({reason}): {message}")
+    return "\n".join(out) + "\n"
+
+
+def render_json(snap: Snapshot, paths: Sequence[PeerPath]) -> str:
+    v = verdict(snap, paths)
+    doc: dict[str, Any] = {
+        "status": STATUS[v.code].lower(),
+        "exit_code": v.code,
+        "summary": v.summary,
+        "taken_at": snap.taken_at,
+        "devices": [{
+            "name": d.name, "ifindex": d.ifindex, "implementation": d.implementation,
+            "public_key": d.public_key, "listen_port": d.listen_port, "fwmark": d.fwmark,
+            "mtu": d.mtu, "peers": len(d.peers),
+        } for d in snap.devices],
+        "peers": [_path_json(snap, p) for p in paths],
+        "errors": {c: {"reason": r, "message": m} for c, (r, m) in snap.errors.items()},
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _path_json(snap: Snapshot, p: PeerPath) -> dict[str, Any]:
+    doc = dataclasses.asdict(p)
+    doc["alarming"] = p.alarming
+    if p.flow is not None:
+        doc["flow"] = {"dst": str(p.flow.dst), "mark": p.flow.mark, "sport": p.flow.sport,
+                       "dport": p.flow.dport, "proto": "udp", "uid": 0, "oif": p.flow.oif}
+    doc["chain"] = list(p.chain)
+    device = next((d for d in snap.devices if d.name == p.device), None)
+    peer = next((x for x in device.peers if x.public_key == p.public_key), None) if device else None
+    if peer is not None:
+        doc["allowed_ips"] = [str(n) for n in peer.allowed_ips]
+        doc["last_handshake"] = peer.last_handshake
+        doc["rx_bytes"], doc["tx_bytes"] = peer.rx_bytes, peer.tx_bytes
+        doc["persistent_keepalive"] = peer.persistent_keepalive
+    return doc

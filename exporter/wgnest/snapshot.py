@@ -1,0 +1,88 @@
+"""Build one Snapshot: read every source, then ask the kernel's route lookup for each
+transport flow and for each candidate fix. A failing source is recorded, never raised."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wgnest.analysis.paths import fix_flows, transport_flows
+from wgnest.model import Device, Snapshot
+from wgnest.sources.errors import SourceError
+from wgnest.sources.netstate import NetState
+from wgnest.sources.route_lookup import RouteLookup
+from wgnest.sources.wg_kernel import kernel_devices
+from wgnest.sources.wg_uapi import uapi_devices
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+COLLECTORS = ("links", "rules", "wireguard_kernel", "wireguard_uapi", "route_lookup")
+
+
+@dataclass
+class Reader:
+    """The host's sources, kept open between refreshes."""
+
+    uapi_dir: Path = Path("/var/run/wireguard")
+    uapi_timeout: float = 1.0
+    netstate: NetState = field(default_factory=NetState)
+    lookup: RouteLookup = field(default_factory=RouteLookup)
+    open_wg: Callable[[], Any] | None = None
+
+    def close(self) -> None:
+        self.netstate.close()
+        self.lookup.close()
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.errors: dict[str, tuple[str, str]] = {}
+        self.durations: dict[str, float] = {}
+
+    def timed(self, collector: str, fn: Callable[[], T], default: T) -> T:
+        start = time.monotonic()
+        try:
+            return fn()
+        except SourceError as exc:
+            self.fail(collector, exc.reason, str(exc))
+            return default
+        finally:
+            self.durations[collector] = self.durations.get(collector, 0.0) + (
+                time.monotonic() - start)
+
+    def fail(self, collector: str, reason: str, message: str) -> None:
+        if collector not in self.errors:
+            self.errors[collector] = (reason, message)
+
+    def device_errors(self, collector: str, errors: dict[str, str]) -> None:
+        for name, text in errors.items():
+            reason, _, message = text.partition(": ")
+            self.fail(collector, reason, f"{name}: {message}")
+
+
+def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
+    run = _Run()
+    links = run.timed("links", reader.netstate.links, [])
+    rules = run.timed("rules", reader.netstate.rules, [])
+    defaults = run.timed("rules", reader.netstate.defaults, [])
+    kernel_kwargs = {"open_wg": reader.open_wg} if reader.open_wg else {}
+    kdevs, kerr = run.timed(
+        "wireguard_kernel", lambda: kernel_devices(links, **kernel_kwargs), ([], {}))
+    run.device_errors("wireguard_kernel", kerr)
+    skip = {d.name for d in kdevs} | set(kerr)
+    udevs, uerr = run.timed("wireguard_uapi", lambda: uapi_devices(
+        links, reader.uapi_dir, reader.uapi_timeout, skip=skip), ([], {}))
+    run.device_errors("wireguard_uapi", uerr)
+    devices: tuple[Device, ...] = tuple(sorted(kdevs + udevs, key=lambda d: d.name))
+    lookups = run.timed("route_lookup", lambda: reader.lookup.lookup(transport_flows(devices)), {})
+    snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(defaults), lookups)
+    if lookups:
+        lookups.update(run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap)), {}))
+    for collector, (reason, message) in run.errors.items():
+        log.debug("source %s failed (%s): %s", collector, reason, message)
+    return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.defaults, lookups,
+                    run.errors, run.durations)

@@ -1,0 +1,142 @@
+"""The kernel's own route lookup for WireGuard transport flows (RTM_GETROUTE).
+
+pyroute2's route('get') silently drops RTA_IP_PROTO, RTA_SPORT, RTA_DPORT and RTA_UID, so a
+rule on `ipproto udp dport N` would be invisible. This module speaks rtnetlink directly
+(stdlib struct over an AF_NETLINK socket), asks exactly what `ip route get EP mark M ipproto
+udp sport LP dport EPP uid 0` asks, with RTM_F_LOOKUP_TABLE so the reply names the table that
+matched, and pipelines many requests per round trip.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable
+
+from wgnest.model import Flow, RouteAnswer
+from wgnest.sources.errors import SourceError, reason_for_errno
+
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+RTM_F_LOOKUP_TABLE = 0x1000
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE, RTA_MARK = 1, 4, 5, 7, 15, 16
+RTA_UID, RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 25, 27, 28, 29
+NLMSGHDR = struct.Struct("=IHHII")
+RTMSG = struct.Struct("=BBBBBBBBI")
+RTATTR = struct.Struct("=HH")
+BATCH = 256
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = RTATTR.size + len(payload)
+    return RTATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def encode_request(flow: Flow, seq: int) -> bytes:
+    family = socket.AF_INET if flow.dst.version == 4 else socket.AF_INET6
+    flags = RTM_F_LOOKUP_TABLE if flow.dst.version == 4 else 0
+    body = RTMSG.pack(family, flow.dst.max_prefixlen, 0, 0, 0, 0, 0, 0, flags)
+    body += _attr(RTA_DST, flow.dst.packed)
+    body += _attr(RTA_MARK, struct.pack("=I", flow.mark))
+    body += _attr(RTA_UID, struct.pack("=I", 0))
+    body += _attr(RTA_IP_PROTO, bytes([socket.IPPROTO_UDP]))
+    body += _attr(RTA_SPORT, struct.pack("!H", flow.sport))
+    body += _attr(RTA_DPORT, struct.pack("!H", flow.dport))
+    if flow.oif:
+        body += _attr(RTA_OIF, struct.pack("=I", flow.oif))
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
+
+
+def decode_route(payload: bytes) -> RouteAnswer:
+    """Decode an RTM_NEWROUTE reply body (rtmsg + attributes)."""
+    _family, _dl, _sl, _tos, table8, _proto, _scope, rtype, _flags = RTMSG.unpack_from(payload)
+    attrs: dict[int, bytes] = {}
+    off = RTMSG.size
+    while off + RTATTR.size <= len(payload):
+        length, kind = RTATTR.unpack_from(payload, off)
+        if length < RTATTR.size:
+            break
+        attrs[kind & 0x3FFF] = payload[off + RTATTR.size:off + length]
+        off += (length + 3) & ~3
+
+    def addr(kind: int) -> str:
+        raw = attrs.get(kind)
+        return str(ipaddress.ip_address(raw)) if raw and len(raw) in (4, 16) else ""
+
+    def u32(kind: int, default: int = 0) -> int:
+        raw = attrs.get(kind)
+        return int(struct.unpack("=I", raw[:4])[0]) if raw and len(raw) >= 4 else default
+
+    return RouteAnswer(oif=u32(RTA_OIF), gateway=addr(RTA_GATEWAY), prefsrc=addr(RTA_PREFSRC),
+                       table=u32(RTA_TABLE, table8), route_type=rtype)
+
+
+def _error_answer(code: int) -> RouteAnswer:
+    return RouteAnswer(error=errno.errorcode.get(code, str(code)))
+
+
+class RouteLookup:
+    """Asks the kernel of this process's network namespace, many flows per round trip."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._seq = 0
+
+    def _open(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.settimeout(self._timeout)
+            sock.bind((0, 0))
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def lookup(self, flows: Iterable[Flow]) -> dict[Flow, RouteAnswer]:
+        todo = list(dict.fromkeys(flows))
+        out: dict[Flow, RouteAnswer] = {}
+        try:
+            for start in range(0, len(todo), BATCH):
+                out.update(self._round_trip(todo[start:start + BATCH]))
+        except OSError as exc:
+            self.close()
+            raise SourceError(f"route lookup failed: {exc}", reason_for_errno(exc.errno)) from None
+        return out
+
+    def _round_trip(self, flows: list[Flow]) -> dict[Flow, RouteAnswer]:
+        sock = self._open()
+        pending: dict[int, Flow] = {}
+        chunks = []
+        for flow in flows:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+            pending[self._seq] = flow
+            chunks.append(encode_request(flow, self._seq))
+        sock.sendall(b"".join(chunks))
+        out: dict[Flow, RouteAnswer] = {}
+        while pending:
+            data = sock.recv(1 << 20)
+            off = 0
+            while off + NLMSGHDR.size <= len(data):
+                length, mtype, _flags, seq, _pid = NLMSGHDR.unpack_from(data, off)
+                if length < NLMSGHDR.size:
+                    break
+                body = data[off + NLMSGHDR.size:off + length]
+                off += (length + 3) & ~3
+                if seq not in pending:
+                    continue  # a stale answer from an earlier, abandoned round trip
+                flow = pending.pop(seq)
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0]
+                    out[flow] = _error_answer(code) if code else RouteAnswer(error="EINVAL")
+                elif mtype == RTM_NEWROUTE:
+                    out[flow] = decode_route(body)
+        return out
+

@@ -1,0 +1,128 @@
+"""Kernel WireGuard devices through pyroute2's generic netlink (WG_CMD_GET_DEVICE).
+
+pyroute2 returns the dump's messages unmerged: a large device spans several messages and
+one peer can span two (the continuation repeats only its public key and more allowed IPs).
+pyroute2 also decodes the private and preshared keys; they are never read here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+
+from wgnest.model import Device, Endpoint, IPNetwork, Link, Peer
+from wgnest.sources.errors import SourceError, reason_for_errno
+
+log = logging.getLogger(__name__)
+DUMP_RETRIES = 3
+
+
+@dataclass
+class _PeerParts:
+    endpoint: Endpoint | None = None
+    allowed_ips: list[IPNetwork] = field(default_factory=list)
+    last_handshake: float = 0.0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    keepalive: int = 0
+
+
+def _key(value: Any) -> str:
+    if isinstance(value, dict):  # pyroute2 nla objects are dicts; 'value' holds base64
+        value = value.get("value", "")
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _endpoint(raw: Any) -> Endpoint | None:
+    if not raw or not raw.get("addr"):
+        return None
+    address = ipaddress.ip_address(raw["addr"])
+    scope = int(raw.get("scope_id") or 0)
+    if address.version == 6 and scope and sys.byteorder == "little":
+        # pyroute2 decodes sin6_scope_id big-endian; the kernel sends it in host order.
+        scope = int.from_bytes(scope.to_bytes(4, "big"), "little")
+    if address.is_unspecified and not raw.get("port"):
+        return None
+    return Endpoint(address, int(raw["port"]), scope)
+
+
+def merge_dump(messages: Iterable[Any], link: Link) -> Device:
+    """Merge the messages of one WG_CMD_GET_DEVICE dump into one Device (peers once each)."""
+    public_key, listen_port, fwmark = "", 0, 0
+    peers: dict[str, _PeerParts] = {}
+    for msg in messages:
+        public_key = _key(msg.get_attr("WGDEVICE_A_PUBLIC_KEY")) or public_key
+        listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or listen_port
+        fwmark = msg.get_attr("WGDEVICE_A_FWMARK") or fwmark
+        for raw in msg.get_attr("WGDEVICE_A_PEERS") or ():
+            pub = _key(raw.get_attr("WGPEER_A_PUBLIC_KEY"))
+            parts = peers.setdefault(pub, _PeerParts())
+            if (ep := raw.get_attr("WGPEER_A_ENDPOINT")) is not None:
+                parts.endpoint = _endpoint(ep)
+            if (hs := raw.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")) is not None:
+                parts.last_handshake = hs["tv_sec"] + hs["tv_nsec"] / 1e9
+            parts.rx_bytes = raw.get_attr("WGPEER_A_RX_BYTES") or parts.rx_bytes
+            parts.tx_bytes = raw.get_attr("WGPEER_A_TX_BYTES") or parts.tx_bytes
+            ka = raw.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
+            parts.keepalive = ka or parts.keepalive
+            for aip in raw.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+                parts.allowed_ips.append(ipaddress.ip_network(aip["addr"], strict=False))
+    return Device(
+        name=link.name, ifindex=link.index, implementation="kernel", public_key=public_key,
+        listen_port=int(listen_port), fwmark=int(fwmark), mtu=link.mtu,
+        peers=tuple(
+            Peer(pub, p.endpoint, tuple(p.allowed_ips), p.last_handshake, p.rx_bytes,
+                 p.tx_bytes, p.keepalive)
+            for pub, p in peers.items()
+        ),
+    )
+
+
+def _open_default() -> Any:
+    from pyroute2 import WireGuard
+
+    return WireGuard()
+
+
+def kernel_devices(
+    links: Sequence[Link], open_wg: Callable[[], Any] = _open_default
+) -> tuple[list[Device], dict[str, str]]:
+    """Read every link of kind `wireguard`. Returns (devices, errors by device name)."""
+    wg_links = [link for link in links if link.kind == "wireguard"]
+    if not wg_links:
+        return [], {}
+    try:
+        wg = open_wg()
+    except (OSError, NetlinkError) as exc:  # no genl family 'wireguard', or no permission
+        raise SourceError(f"wireguard generic netlink unavailable: {exc}",
+                          reason_for_errno(getattr(exc, "code", None))) from None
+    devices: list[Device] = []
+    errors: dict[str, str] = {}
+    try:
+        for link in wg_links:
+            try:
+                devices.append(_read_one(wg, link))
+            except SourceError as exc:
+                errors[link.name] = f"{exc.reason}: {exc}"
+    finally:
+        wg.close()
+    return devices, errors
+
+
+def _read_one(wg: Any, link: Link) -> Device:
+    for _attempt in range(DUMP_RETRIES):
+        try:
+            return merge_dump(list(wg.info(link.name)), link)
+        except NetlinkDumpInterrupted:
+            continue
+        except (OSError, NetlinkError) as exc:
+            code = getattr(exc, "code", None) or exc.errno
+            raise SourceError(f"device {link.name}: {exc}", reason_for_errno(code)) from None
+    raise SourceError(f"device {link.name}: dump changed {DUMP_RETRIES} times while read",
+                      "dump_intr")

@@ -1,0 +1,335 @@
+"""Userspace WireGuard (wireguard-go, boringtun) read over its UAPI unix socket.
+
+Private and preshared keys are dropped as they are read: they never reach a log line,
+an exception or a returned object, and messages never echo a line of the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno as errno_mod
+import ipaddress
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wgnest.model import Device, Endpoint, IPNetwork, Link, Peer
+from wgnest.sources.errors import SourceError, reason_for_errno
+
+log = logging.getLogger(__name__)
+
+SOCK_DIR = Path("/var/run/wireguard")
+MAX_ANSWER = 64 << 20  # bytes; a larger answer is refused as "parse"
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+_UINT = re.compile(r"[0-9]{1,20}")
+_ENDPOINT = re.compile(r"\[([0-9a-fA-F:.]+)(?:%([^\]]+))?\]:([0-9]{1,5})|([0-9.]+):([0-9]{1,5})")
+_PEER_UINTS = {  # key -> (_PeerAcc field, maximum)
+    "last_handshake_time_sec": ("hs_sec", 2**63 - 1),
+    "last_handshake_time_nsec": ("hs_nsec", 999_999_999),
+    "tx_bytes": ("tx", 2**64 - 1),
+    "rx_bytes": ("rx", 2**64 - 1),
+    "persistent_keepalive_interval": ("keepalive", 65535),
+    "protocol_version": ("version", 2**32 - 1),
+}
+_PEER_KEYS = {*_PEER_UINTS, "preshared_key", "endpoint", "allowed_ip"}
+_P = 2**255 - 19
+
+
+def x25519(scalar: bytes, u: int = 9) -> bytes:
+    """RFC 7748 X25519 (Montgomery ladder); not constant time: only derives public keys."""
+    k = int.from_bytes(scalar, "little") & ~7 & ~(1 << 255) | (1 << 254)
+    x1, x2, z2, x3, z3, swap = u % _P, 1, 0, u % _P, 1, 0
+    for t in range(254, -1, -1):
+        bit = (k >> t) & 1
+        if swap ^ bit:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b, c, d = x2 + z2, x2 - z2, x3 + z3, x3 - z3
+        aa, bb, da, cb = a * a % _P, b * b % _P, d * a % _P, c * b % _P
+        e = aa - bb
+        x3, z3 = (da + cb) ** 2 % _P, x1 * (da - cb) ** 2 % _P
+        x2, z2 = aa * bb % _P, e * (aa + 121665 * e) % _P
+    if swap:
+        x2, z2 = x3, z3
+    return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
+
+
+class _Bad(Exception):
+    """A defect of one line; its text is ours and never holds a value from the answer."""
+
+
+@dataclass
+class _PeerAcc:
+    public_key: str
+    endpoint: Endpoint | None = None
+    allowed: list[IPNetwork] = field(default_factory=list)
+    hs_sec: int = 0
+    hs_nsec: int = 0
+    tx: int = 0
+    rx: int = 0
+    keepalive: int = 0
+    version: int = 0
+
+    def build(self) -> Peer:
+        handshake = self.hs_sec + self.hs_nsec / 1e9 if self.hs_sec else 0.0
+        return Peer(self.public_key, self.endpoint, tuple(self.allowed), handshake,
+                    self.rx, self.tx, self.keepalive)
+
+
+def _uint(value: str, maximum: int) -> int:
+    if not _UINT.fullmatch(value) or int(value) > maximum:
+        raise ValueError
+    return int(value)
+
+
+def _key(value: str) -> bytes:
+    if not _HEX_KEY.fullmatch(value):
+        raise ValueError
+    return bytes.fromhex(value)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _scope(zone: str | None) -> int:
+    if zone is None:
+        return 0
+    if zone.isascii() and zone.isdigit():
+        return _uint(zone, 2**32 - 1)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        return 0
+
+
+def _endpoint(value: str) -> Endpoint:
+    m = _ENDPOINT.fullmatch(value)
+    if m is None:
+        raise ValueError
+    if m[3] is not None:
+        return Endpoint(ipaddress.IPv6Address(m[1]), _uint(m[3], 65535), _scope(m[2]))
+    return Endpoint(ipaddress.IPv4Address(m[4]), _uint(m[5], 65535))
+
+
+def _network(value: str) -> IPNetwork:
+    addr, sep, plen = value.partition("/")
+    if not sep or "%" in addr:
+        raise ValueError
+    return ipaddress.ip_network(f"{addr}/{_uint(plen, 128)}", strict=False)
+
+
+def _check_errno(last: str, name: str) -> None:
+    key, _, value = last.partition("=")
+    if key != "errno":
+        raise SourceError(f"UAPI answer of {name}: ended without errno (truncated)", "parse")
+    if not re.fullmatch(r"-?[0-9]{1,10}", value):
+        raise SourceError(f"UAPI answer of {name}: invalid value for key 'errno'", "parse")
+    code = abs(int(value))
+    if code:
+        label = errno_mod.errorcode.get(code, "?")
+        raise SourceError(f"UAPI get on {name} failed: errno {code} ({label})", "errno")
+
+
+def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[_PeerAcc]) -> None:
+    """Apply one known key; unknown keys are ignored."""
+    if key in _PEER_KEYS and not peers:
+        raise _Bad(f"key {key!r} before any public_key")
+    if key == "private_key":  # derive the public key at once; the private key is not kept
+        dev["derived"] = _b64(x25519(_key(value)))
+    elif key == "own_public_key":
+        dev["own"] = _b64(_key(value))
+    elif key in ("listen_port", "fwmark"):
+        dev[key] = _uint(value, 65535 if key == "listen_port" else 2**32 - 1)
+    elif key == "public_key":
+        peers.append(_PeerAcc(_b64(_key(value))))
+    elif key in _PEER_UINTS:
+        attr, maximum = _PEER_UINTS[key]
+        setattr(peers[-1], attr, _uint(value, maximum))
+    elif key == "endpoint":
+        peers[-1].endpoint = _endpoint(value)
+    elif key == "allowed_ip":
+        peers[-1].allowed.append(_network(value))
+    elif key == "errno":
+        raise _Bad("errno before the end of the answer")
+
+
+def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int) -> Device:
+    """Parse the answer to `get=1`; raises SourceError("parse" or "errno")."""
+    lines = text.rstrip("\n").split("\n")
+    _check_errno(lines[-1], name)
+    dev: dict[str, str | int] = {"derived": "", "own": "", "listen_port": 0, "fwmark": 0}
+    peers: list[_PeerAcc] = []
+    for num, line in enumerate(lines[:-1], 1):
+        key, sep, value = line.partition("=")
+        try:
+            if not sep:
+                raise _Bad("not key=value")
+            _apply(key, value, dev, peers)
+        except _Bad as exc:
+            raise SourceError(f"UAPI answer of {name}: line {num}: {exc}", "parse") from None
+        except ValueError:
+            msg = f"UAPI answer of {name}: line {num}: invalid value for key {key!r}"
+            raise SourceError(msg, "parse") from None
+    return Device(name=name, ifindex=ifindex, implementation="userspace",
+                  public_key=str(dev["own"] or dev["derived"]), listen_port=int(dev["listen_port"]),
+                  fwmark=int(dev["fwmark"]), mtu=mtu, peers=tuple(p.build() for p in peers))
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except TimeoutError:
+        raise SourceError(f"{path}: no complete answer within the timeout", "timeout") from None
+    except OSError as exc:
+        text = exc.strerror or type(exc).__name__
+        raise SourceError(f"{path}: {text}", reason_for_errno(exc.errno)) from None
+
+
+def _connect(path: Path, deadline: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(_remaining(deadline))
+        sock.connect(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _exchange(sock: socket.socket, path: Path, deadline: float) -> str:
+    """Send `get=1` and read up to the empty line that ends the answer."""
+    sock.settimeout(_remaining(deadline))
+    sock.sendall(b"get=1\n\n")
+    buf = bytearray(b"\n")  # so that an answer starting with the empty line ends at once
+    while (end := buf.find(b"\n\n", max(len(buf) - 65537, 0))) < 0:
+        if len(buf) > MAX_ANSWER:
+            raise SourceError(f"{path}: answer larger than {MAX_ANSWER} bytes", "parse")
+        sock.settimeout(_remaining(deadline))
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SourceError(f"{path}: connection closed before the end of the answer", "parse")
+        buf += chunk
+    try:
+        return buf[1 : end + 1].decode()
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: answer is not UTF-8", "parse") from None
+
+
+def read_uapi(path: Path, timeout: float) -> str:
+    """The raw answer to `get=1` (without the final empty line), within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with _os_errors(path), _connect(path, deadline) as sock:
+        return _exchange(sock, path, deadline)
+
+
+def _netns(who: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{who}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _listening_here(path: Path) -> bool | None:
+    """Whether our netns' table of unix sockets has a listener bound at `path`."""
+    try:
+        lines = Path("/proc/thread-self/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    want = os.path.realpath(path)
+    for line in lines:
+        fields = line.split(maxsplit=7)  # Num RefCount Protocol Flags Type St Inode Path
+        if (len(fields) == 8 and int(fields[3], 16) & 0x10000 and fields[7].endswith(path.name)
+                and os.path.realpath(fields[7]) == want):
+            return True
+    return False
+
+
+def _same_netns(sock: socket.socket, path: Path) -> bool | None:
+    """SO_PEERCRED names the pid that called listen(); if it has exited (wireguard-go
+    daemonizes after listening) the kernel's own per-netns socket table decides."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", creds)[0]
+    mine, theirs = _netns("thread-self"), _netns(str(pid)) if pid > 0 else None
+    if mine and theirs and mine != theirs:
+        return False
+    listed = _listening_here(path)
+    if listed is not None:
+        return listed
+    return None if mine is None or theirs is None else True
+
+
+def socket_in_my_netns(path: Path, timeout: float) -> bool | None:
+    """Whether the daemon behind `path` lives in our network namespace; None if unknown."""
+    try:
+        with _connect(path, time.monotonic() + timeout) as sock:
+            return _same_netns(sock, path)
+    except OSError:
+        return None
+
+
+def _read_device(path: Path, link: Link, timeout: float) -> Device | None:
+    deadline = time.monotonic() + timeout
+    with _os_errors(path), _connect(path, deadline) as sock:
+        if _same_netns(sock, path) is False:
+            log.debug("skipping %s: its daemon lives in another network namespace", path)
+            return None
+        text = _exchange(sock, path, deadline)
+    return parse_uapi(text, name=link.name, ifindex=link.index, mtu=link.mtu)
+
+
+def _sockets(sock_dir: Path) -> list[tuple[str, Path]]:
+    try:
+        with os.scandir(sock_dir) as it:
+            entries = list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise SourceError(f"{sock_dir}: {exc.strerror}", reason_for_errno(exc.errno)) from None
+    found = []
+    for entry in entries:
+        if not entry.name.endswith(".sock") or entry.name == ".sock":
+            continue
+        with contextlib.suppress(OSError):  # vanished meanwhile
+            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                found.append((entry.name[:-5], Path(entry.path)))
+    return sorted(found)
+
+
+def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: float = 1.0,
+                 skip: Collection[str] = ()) -> tuple[list[Device], dict[str, str]]:
+    """Read every userspace device of this netns; errors maps name -> "reason: message"."""
+    by_name = {link.name: link for link in links}
+    devices: list[Device] = []
+    errors: dict[str, str] = {}
+    for name, path in _sockets(sock_dir):
+        link = by_name.get(name)
+        if name in skip or link is None:
+            log.debug("not reading %s: kernel device or no link of that name", path)
+            continue
+        try:
+            device = _read_device(path, link, timeout)
+        except SourceError as exc:
+            errors[name] = f"{exc.reason}: " + " ".join(str(exc).split())
+            log.debug("userspace device %s: %s", name, errors[name])
+            continue
+        if device is not None:
+            devices.append(device)
+    return devices, errors
