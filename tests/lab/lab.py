@@ -11,6 +11,7 @@ Topology (addresses are per lab and only exist inside its namespaces):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -20,12 +21,41 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 UAPI_DIR = Path("/var/run/wireguard")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """Run the block (this thread only) inside network namespace `ns`. Sockets made in the
+    block stay in that namespace afterwards, so a test can talk to its lab's loopback."""
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{ns}", "rb") as there:
+        if _libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            yield
+        finally:
+            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+def http_get(ns: str, url: str, timeout: float = 5.0, **kwargs: Any) -> tuple[int, bytes]:
+    """GET `url` from inside `ns`. Returns (status, body); HTTP errors are returned too."""
+    with in_netns(ns):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, **kwargs) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
 
 
 def run(*cmd: str, ns: str | None = None, check: bool = True, input: str | None = None,
@@ -101,6 +131,8 @@ class Lab:
     servers: dict[str, Server] = field(default_factory=dict)
     extra_procs: list[subprocess.Popen[Any]] = field(default_factory=list)
     public_keys: dict[str, str] = field(default_factory=dict)  # client tunnel -> its key
+    private_keys: list[str] = field(default_factory=list)  # every private key of the lab
+    serve_log: Path | None = None
 
     # ---- topology -------------------------------------------------------------------
     def build(self, servers: int = 2) -> Lab:
@@ -139,6 +171,7 @@ class Lab:
     def _server(self, host: Host, i: int) -> Server:
         name = f"{self.tag}s{i}"
         private, public = genkey()
+        self.private_keys.append(private)
         srv = Server(host, name, private, public, f"10.20{i}.0.1", f"fd0{i}::1")
         self.interfaces.append(name)
         proc = subprocess.Popen(
@@ -181,6 +214,7 @@ class Lab:
         wg-quick in the client namespace. Returns the interface name."""
         name = f"{self.tag}w{index}"
         private, public = genkey()
+        self.private_keys.append(private)
         n = srv.name[-1]
         v4, v6addr = f"10.20{n}.0.{10 + index}", f"fd0{n}::{10 + index}"
         self.add_server_peer(srv, public, v4, v6addr)
@@ -222,6 +256,29 @@ class Lab:
         res = self.wgnest("check", "--format", "json", "--config-dir", str(self.workdir), *args)
         assert res.stdout, res.stderr
         return res.returncode, json.loads(res.stdout)
+
+    def serve(self, *args: str, port: int = 9586) -> subprocess.Popen[str]:
+        """Start `wgnest serve` in the client namespace on its loopback; logs go to a file."""
+        env = {**os.environ, "PYTHONPATH": str(REPO / "exporter")}
+        log = self.serve_log = self.workdir / "serve.log"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.client.ns, sys.executable, "-m", "wgnest", "serve",
+             "--web.listen-address", f"127.0.0.1:{port}", "--config-dir", str(self.workdir),
+             "--log.level", "debug", *args],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env, text=True)
+        self.extra_procs.append(proc)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                status, _ = http_get(self.client.ns, f"http://127.0.0.1:{port}/-/healthy")
+                if status == 200:
+                    return proc
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"wgnest serve did not start: {log.read_text()[-2000:]}")
 
     # ---- cleanup ----------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,143 @@
+"""Metric families built from one diagnosed snapshot (no I/O).
+
+Names follow mdlayher/wireguard_exporter where they overlap, so existing dashboards work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wgnest import __version__
+from wgnest.analysis.paths import LOOP, NESTED, PeerPath
+from wgnest.model import Peer, Snapshot
+from wgnest.snapshot import COLLECTORS
+from wgnest.sources.errors import REASONS
+
+DP = ["device", "public_key"]
+
+
+def allowed_ips_label(peer: Peer) -> str:
+    nets = sorted(peer.allowed_ips, key=lambda n: n.version)  # stable: IPv4 before IPv6
+    return ",".join(str(n) for n in nets)
+
+
+def device_families(snap: Snapshot) -> Iterator[Metric]:
+    info = GaugeMetricFamily("wireguard_device_info", "WireGuard device (value 1).",
+                             labels=DP)
+    fwmark = GaugeMetricFamily("wireguard_device_fwmark",
+                               "Firewall mark of the device's transport packets (0 = none).",
+                               labels=["device"])
+    port = GaugeMetricFamily("wireguard_device_listen_port", "UDP port the device listens on.",
+                             labels=["device"])
+    mtu = GaugeMetricFamily("wireguard_device_mtu_bytes", "MTU of the device.",
+                            labels=["device"])
+    for d in snap.devices:
+        info.add_metric([d.name, d.public_key], 1)
+        fwmark.add_metric([d.name], d.fwmark)
+        port.add_metric([d.name], d.listen_port)
+        mtu.add_metric([d.name], d.mtu)
+    yield from (info, fwmark, port, mtu)
+
+
+def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "wireguard_peer_info", "WireGuard peer (value 1): endpoint, friendly name, allowed IPs.",
+        labels=[*DP, "endpoint", "name", "allowed_ips"])
+    rx = CounterMetricFamily("wireguard_peer_receive_bytes", "Bytes received from the peer.",
+                             labels=DP)
+    tx = CounterMetricFamily("wireguard_peer_transmit_bytes", "Bytes sent to the peer.",
+                             labels=DP)
+    last = GaugeMetricFamily(
+        "wireguard_peer_last_handshake_seconds",
+        "Unix time of the last handshake with the peer; 0 if there was none.", labels=DP)
+    age = GaugeMetricFamily(
+        "wireguard_peer_handshake_age_seconds",
+        "Seconds from the last handshake to the snapshot; absent if there was none.", labels=DP)
+    for d in snap.devices:
+        for p in d.peers:
+            labels = [d.name, p.public_key]
+            info.add_metric([*labels, str(p.endpoint or ""), names.get(p.public_key, ""),
+                             allowed_ips_label(p)], 1)
+            rx.add_metric(labels, p.rx_bytes)
+            tx.add_metric(labels, p.tx_bytes)
+            last.add_metric(labels, p.last_handshake)
+            if p.last_handshake > 0:
+                age.add_metric(labels, max(0.0, snap.taken_at - p.last_handshake))
+    yield from (info, rx, tx, last, age)
+
+
+def path_families(paths: Sequence[PeerPath]) -> Iterator[Metric]:
+    route = GaugeMetricFamily(
+        "wireguard_peer_endpoint_route_info",
+        "Route the kernel picks for the peer's transport packets (value 1).",
+        labels=[*DP, "endpoint", "egress_device", "table", "gateway"])
+    nested = GaugeMetricFamily(
+        "wireguard_peer_nested",
+        "1 if the peer's transport packets are routed into another tunnel (outer_device).",
+        labels=[*DP, "outer_device"])
+    loop = GaugeMetricFamily("wireguard_peer_routing_loop",
+                             "1 if the peer's transport packets are routed back into the "
+                             "tunnel itself (directly or through other tunnels).", labels=DP)
+    allowed = GaugeMetricFamily("wireguard_peer_nesting_allowed",
+                                "1 if this nesting was declared intentional (--allow-nesting).",
+                                labels=DP)
+    fwmark = GaugeMetricFamily(
+        "wireguard_peer_suggested_fwmark",
+        "FwMark that routes the transport to the underlay (kernel-verified); 0 if none applies.",
+        labels=DP)
+    mtu = GaugeMetricFamily("wireguard_peer_nesting_mtu_cost_bytes",
+                            "Inner MTU bytes lost because the transport is nested; 0 if direct.",
+                            labels=DP)
+    for p in paths:
+        labels = [p.device, p.public_key]
+        if p.endpoint and p.egress:
+            route.add_metric([*labels, p.endpoint, p.egress, p.table, p.gateway], 1)
+        is_nested = p.verdict == NESTED
+        nested.add_metric([*labels, p.outer if is_nested else ""], int(is_nested))
+        loop.add_metric(labels, int(p.verdict == LOOP))
+        allowed.add_metric(labels, int(p.allowed))
+        verified = p.fix is not None and p.fix.kind == "fwmark" and p.fix.verified
+        fwmark.add_metric(labels, p.fix.fwmark if p.fix is not None and verified else 0)
+        mtu.add_metric(labels, p.mtu.cost_bytes if p.mtu is not None and is_nested else 0)
+    yield from (route, nested, loop, allowed, fwmark, mtu)
+
+
+def exporter_families(snap: Snapshot, errors_total: Mapping[str, int],
+                      collectors: Sequence[str] = COLLECTORS) -> Iterator[Metric]:
+    success = GaugeMetricFamily("wgnest_collector_success",
+                                "1 if the source was read in the last refresh.",
+                                labels=["collector"])
+    duration = GaugeMetricFamily("wgnest_collector_duration_seconds",
+                                 "Time the source took in the last refresh.",
+                                 labels=["collector"])
+    for c in collectors:
+        success.add_metric([c], 0 if c in snap.errors else 1)
+        duration.add_metric([c], snap.durations.get(c, 0.0))
+    stamp = GaugeMetricFamily("wgnest_snapshot_timestamp_seconds",
+                              "Unix time of the snapshot these metrics describe.")
+    stamp.add_metric([], snap.taken_at)
+    build = GaugeMetricFamily("wgnest_build_info", "wgnest version (value 1).",
+                              labels=["version"])
+    build.add_metric([__version__], 1)
+    errors = CounterMetricFamily("wgnest_errors", "Source failures by reason, since start.",
+                                 labels=["reason"])
+    for reason in REASONS:  # zero-initialised: every reason has a series from the start
+        errors.add_metric([reason], errors_total.get(reason, 0))
+    yield from (success, duration, stamp, build, errors)
+
+
+class SnapshotCollector(Collector):
+    """All families of one diagnosed snapshot; rendered once per refresh, not per scrape."""
+
+    def __init__(self, snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
+                 errors_total: Mapping[str, int]) -> None:
+        self.snap, self.paths, self.names, self.errors_total = snap, paths, names, errors_total
+
+    def collect(self) -> Iterator[Metric]:
+        yield from device_families(self.snap)
+        yield from peer_families(self.snap, self.names)
+        yield from path_families(self.paths)
+        yield from exporter_families(self.snap, self.errors_total)

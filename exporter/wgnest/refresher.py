@@ -1,0 +1,90 @@
+"""The periodic scraper: refreshes the snapshot in the background and keeps the latest
+diagnosis and its rendered exposition, so a scrape only copies bytes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from wgnest.analysis.paths import PeerPath, diagnose
+from wgnest.metrics import SnapshotCollector
+from wgnest.model import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class State:
+    snapshot: Snapshot
+    paths: list[PeerPath]
+    exposition: bytes
+
+
+def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str],
+           errors_total: Mapping[str, int]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snap, paths, names, errors_total))
+    return generate_latest(registry)
+
+
+class Refresher:
+    """Calls `take()` every `interval` seconds on its own thread."""
+
+    def __init__(self, take: Callable[[], Snapshot], interval: float,
+                 allow: Collection[tuple[str, str]] = (),
+                 names: Callable[[], Mapping[str, str]] = dict) -> None:
+        self._take, self._interval, self._allow, self._names = take, interval, allow, names
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._state: State | None = None
+        self._errors_total: Counter[str] = Counter()
+        self._logged: dict[str, tuple[str, str]] = {}
+
+    @property
+    def state(self) -> State | None:
+        with self._lock:
+            return self._state
+
+    def refresh_once(self) -> State:
+        snap = self._take()
+        paths = diagnose(snap, self._allow)
+        self._note_errors(snap)
+        state = State(snap, paths, render(snap, paths, self._names(), self._errors_total))
+        with self._lock:
+            self._state = state
+        return state
+
+    def _note_errors(self, snap: Snapshot) -> None:
+        for collector, (reason, message) in snap.errors.items():
+            self._errors_total[reason] += 1
+            if self._logged.get(collector) != (reason, message):
+                log.warning("source %s failed (%s): %s", collector, reason, message)
+        for collector in set(self._logged) - set(snap.errors):
+            log.info("source %s recovered", collector)
+        self._logged = dict(snap.errors)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.refresh_once()
+            except Exception:  # noqa: BLE001 - a bug must not stop the exporter; it is logged
+                log.exception("refresh failed")
+                self._errors_total["other"] += 1
+            self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="wgnest-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.5) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,93 @@
+"""The status page at `/`: plain server-rendered HTML a person reads, no external assets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from html import escape
+
+from wgnest import __version__
+from wgnest.analysis.paths import DIRECT, LOOP, NESTED, PeerPath
+from wgnest.model import Snapshot
+from wgnest.report import STATUS, verdict
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}
+h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.6em 0 .4em}
+table{border-collapse:collapse;width:100%} th,td{text-align:left;padding:.35em .6em;
+border-bottom:1px solid #ddd;vertical-align:top} th{background:#f4f4f4;font-weight:600}
+code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
+.ok{color:#1a7f37} .warn{color:#9a6700} .crit{color:#cf222e;font-weight:600}
+.banner{padding:.6em 1em;border-radius:6px;margin:1em 0;font-weight:600}
+.b0{background:#dafbe1} .b1{background:#fff8c5} .b2{background:#ffebe9} .b3{background:#eee}
+.fix{margin:.3em 0 0;color:#333} small{color:#666}
+"""
+
+
+def _verdict_cell(p: PeerPath) -> str:
+    if p.verdict == DIRECT:
+        return '<span class="ok">direct</span>'
+    if p.verdict == NESTED:
+        cls, word = ("warn", "nested (allowed)") if p.allowed else ("crit", "NESTED")
+        return f'<span class="{cls}">{word} in {escape(p.outer)}</span>'
+    if p.verdict == LOOP:
+        return '<span class="crit">ROUTING LOOP</span>'
+    extra = f": {escape(p.error)}" if p.error else ""
+    return f'<span class="warn">{escape(p.verdict.replace("_", " "))}{extra}</span>'
+
+
+def _fix_cell(p: PeerPath) -> str:
+    if p.fix is None or (p.verdict == NESTED and p.allowed):
+        return ""
+    if p.fix.kind == "fwmark":
+        return (f'<div class="fix">add to <code>[Interface]</code> of {escape(p.device)}: '
+                f"<code>{escape(p.fix.config_line)}</code><br><small>now: "
+                f"<code>{escape(p.fix.command)}</code> ({escape(p.fix.explanation)})</small></div>")
+    return (f'<div class="fix"><code>{escape(p.fix.command)}</code><br>'
+            f"<small>{escape(p.fix.explanation)}</small></div>")
+
+
+def _path_cell(p: PeerPath) -> str:
+    if not p.egress:
+        return ""
+    bits = [f"via <b>{escape(p.egress)}</b>"]
+    if p.table:
+        bits.append(f"table {escape(p.table)}")
+    if p.gateway:
+        bits.append(f"gw {escape(p.gateway)}")
+    chain = " &rarr; ".join(escape(x) for x in p.chain)
+    return " ".join(bits) + (f"<br><small>{chain}</small>" if len(p.chain) > 2 else "")
+
+
+def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str, str],
+           telemetry_path: str = "/metrics") -> str:
+    head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
+            f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
+            f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
+            f'<a href="{escape(telemetry_path)}">metrics</a></small>')
+    if snap is None:
+        return head + "<p>First snapshot not taken yet.</p></body></html>"
+    v = verdict(snap, paths)
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.taken_at))
+    out = [head, f'<div class="banner b{v.code}">{STATUS[v.code]}: {escape(v.summary)}</div>',
+           f"<small>snapshot {taken}</small>"]
+    for d in snap.devices:
+        mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
+        out.append(f"<h2>{escape(d.name)}</h2><p><small>{escape(d.implementation)} &middot; "
+                   f"fwmark {mark} &middot; listen port {d.listen_port} &middot; MTU {d.mtu}"
+                   "</small></p><table><tr><th>peer</th><th>endpoint</th><th>transport path"
+                   "</th><th>verdict</th><th>fix</th></tr>")
+        for p in (p for p in paths if p.device == d.name):
+            name = names.get(p.public_key, "")
+            label = f"{escape(name)}<br><small>{escape(p.public_key)}</small>" if name else (
+                f"<small>{escape(p.public_key)}</small>")
+            out.append(f"<tr><td>{label}</td><td>{escape(p.endpoint) or '<small>none</small>'}"
+                       f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
+                       f"<td>{_fix_cell(p)}</td></tr>")
+        out.append("</table>")
+    if not snap.devices:
+        out.append("<p>No WireGuard devices in this network namespace.</p>")
+    for collector, (reason, message) in snap.errors.items():
+        out.append(f'<p class="warn">source {escape(collector)} failed ({escape(reason)}): '
+                   f"{escape(message)}</p>")
+    return "\n".join(out) + "</body></html>"

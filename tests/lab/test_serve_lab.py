@@ -1,0 +1,104 @@
+"""`wgnest serve` on the seed lab, scraped over HTTP from inside the client namespace."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.lab.lab import Lab, http_get
+
+pytestmark = pytest.mark.lab
+URL = "http://127.0.0.1:9586"
+
+
+def scrape(lab: Lab) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    status, body = http_get(lab.client.ns, URL + "/metrics")
+    assert status == 200
+    text = body.decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return text, samples
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    hits = [v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()]
+    assert len(hits) == 1, f"{name}{labels}: {len(hits)} series"
+    return hits[0]
+
+
+def wait_for(lab: Lab, predicate: object, timeout: float = 10.0) -> tuple[str, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        text, samples = scrape(lab)
+        if predicate(text, samples) or time.monotonic() > deadline:  # type: ignore[operator]
+            return text, samples
+        time.sleep(0.2)
+
+
+def test_serve_seed_metrics_then_tunnel_down(lab: Lab) -> None:
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    w0 = lab.client_tunnel(0, s1, "0.0.0.0/0")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24")
+    assert lab.ping(lab.client.ns, s2.tunnel_v4)
+    lab.serve("--refresh.interval", "0.5")
+    k1 = lab.public_keys[w1]
+    text, samples = wait_for(lab, lambda t, s: "wireguard_peer_nested" in t)
+    assert value(samples, "wireguard_peer_nested", device=w1, outer_device=w0) == 1
+    assert value(samples, "wireguard_peer_nested", device=w0, outer_device="") == 0
+    assert value(samples, "wireguard_peer_suggested_fwmark", device=w1) == 51820
+    assert value(samples, "wireguard_peer_suggested_fwmark", device=w0) == 0
+    assert value(samples, "wireguard_device_fwmark", device=w0) == 51820
+    assert value(samples, "wireguard_device_fwmark", device=w1) == 0
+    assert value(samples, "wireguard_device_mtu_bytes", device=w1) == 1340
+    assert value(samples, "wireguard_peer_routing_loop", device=w1) == 0
+    assert value(samples, "wireguard_peer_nesting_mtu_cost_bytes", device=w1) == 80
+    assert value(samples, "wireguard_peer_endpoint_route_info", device=w1, egress_device=w0,
+                 table="51820", endpoint=f"{s2.host.v4}:51820") == 1
+    assert value(samples, "wireguard_peer_endpoint_route_info", device=w0,
+                 egress_device=lab.client.dev, table="main", gateway=lab.client.router_v4) == 1
+    age = value(samples, "wireguard_peer_handshake_age_seconds", device=w1, public_key=s2.public)
+    assert 0 <= age < 30
+    assert value(samples, "wireguard_peer_info", device=w1, public_key=s2.public,
+                 allowed_ips="10.202.0.0/24", endpoint=f"{s2.host.v4}:51820") == 1
+    assert value(samples, "wgnest_collector_success", collector="wireguard_uapi") == 1
+    assert value(samples, "wgnest_collector_success", collector="route_lookup") == 1
+    assert k1  # the client's own key is the device key, exported as such
+    assert value(samples, "wireguard_device_info", device=w1, public_key=k1) == 1
+
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, check=False)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    lab.wg_down(w1)
+    text, samples = wait_for(lab, lambda t, s: w1 not in t)
+    assert w1 not in text, "series of a removed tunnel are still exported"
+    assert value(samples, "wireguard_device_fwmark", device=w0) == 51820
+
+    status, page = http_get(lab.client.ns, URL + "/")
+    assert status == 200 and w0.encode() in page
+    assert lab.serve_log is not None
+    logged = lab.serve_log.read_text()
+    for private in lab.private_keys:
+        for form in (private, base64.b64decode(private).hex()):
+            assert form not in text and form not in logged and form.encode() not in page
+
+
+def test_status_page_shows_verdict_and_fix(lab: Lab) -> None:
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    lab.client_tunnel(0, s1, "0.0.0.0/0")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24")
+    lab.serve("--refresh.interval", "0.5")
+    status, page = http_get(lab.client.ns, URL + "/")
+    html = page.decode()
+    assert status == 200
+    assert "NESTED in" in html and "FwMark = 51820" in html and f"wg set {w1} fwmark 51820" in html
+    assert "CRITICAL" in html
