@@ -71,6 +71,9 @@ class Link:
     up: bool
 
 
+ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One policy routing rule (ip rule), as the kernel reports it."""
@@ -96,7 +99,10 @@ class Rule:
             sel += f" fwmark {self.fwmark:#x}{mask}"
         if self.invert:
             sel = "not " + sel
-        text = f"{self.priority}: {sel} lookup {table_name(self.table)}"
+        action = ACTIONS.get(self.action, f"action {self.action}")
+        text = f"{self.priority}: {sel} {action}"
+        if self.action == 1:
+            text += f" {table_name(self.table)}"
         if self.suppress_prefixlength >= 0:
             text += f" suppress_prefixlength {self.suppress_prefixlength}"
         return text

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
+from wgnest.analysis.paths import UNKNOWN as UNKNOWN_PATH
 from wgnest.model import Snapshot
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -29,6 +30,7 @@ def verdict(snap: Snapshot, paths: Sequence[PeerPath]) -> Verdict:
     loops = sum(p.verdict == LOOP for p in paths)
     allowed = sum(p.verdict == NESTED and p.allowed for p in paths)
     no_route = sum(p.verdict == NO_ROUTE for p in paths)
+    unknown = sum(p.verdict == UNKNOWN_PATH for p in paths)
     counts = f"{len(snap.devices)} tunnels, {len(paths)} peers"
     broken = [c for c, (r, _m) in snap.errors.items() if c in ESSENTIAL or r == "eperm"]
     if nested or loops:
@@ -42,6 +44,8 @@ def verdict(snap: Snapshot, paths: Sequence[PeerPath]) -> Verdict:
     problems = []
     if no_route:
         problems.append(f"{no_route} endpoints without a route")
+    if unknown:
+        problems.append(f"{unknown} endpoints whose route is unknown")
     problems += [f"{c} failed ({r}): {m}" for c, (r, m) in snap.errors.items()]
     if problems:
         return Verdict(WARNING, "; ".join(problems) + f" ({counts})")

@@ -133,7 +133,8 @@ def self_policy_routed(view: _View, device: Device) -> bool:
     """The device's own mark is the key of a `not fwmark` rule: it is a policy-routed full
     tunnel (wg-quick, NetworkManager). Changing its mark would break its own routing and
     wg-quick's teardown, so only a route can fix it."""
-    return bool(device.fwmark) and any(
+    full = any(n.prefixlen == 0 for p in device.peers for n in p.allowed_ips)
+    return full and bool(device.fwmark) and any(
         r.invert and r.fwmask and r.fwmark == device.fwmark for r in view.snap.rules)
 
 
@@ -192,36 +193,56 @@ def _fix(view: _View, device: Device, peer: Peer, flow: Flow, ans: RouteAnswer) 
     return _underlay_fix(view, device, peer, why)
 
 
-def _chain(view: _View, device: Device, peer: Peer, first_oif: int) -> tuple[tuple[str, ...], str]:
-    """Follow the packets through nested tunnels. Returns (devices crossed, outer peer key)."""
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    link: str
+    overhead: int  # header bytes around the inner packet when it crosses this link
+
+
+def _chain(view: _View, device: Device, peer: Peer, first_oif: int) -> tuple[list[_Hop], str]:
+    """Follow the packets through nested tunnels. Returns (links crossed, outer peer key)."""
     assert peer.endpoint is not None
-    chain = [device.name]
+    hops: list[_Hop] = []
+    seen = {device.name}
     oif, address, outer_peer = first_oif, peer.endpoint.address, ""
+    overhead = WG_OVERHEAD[address.version]
     while True:
-        chain.append(view.name(oif))
+        hops.append(_Hop(view.name(oif), overhead))
         outer = view.wg_by_index.get(oif)
-        if outer is None or chain.count(outer.name) > 1:
-            return tuple(chain), outer_peer
+        if outer is None or outer.name in seen:
+            return hops, outer_peer
+        seen.add(outer.name)
         carrier = carrying_peer(outer, address)
         if carrier is None:
-            return tuple(chain), outer_peer
+            return hops, outer_peer
         outer_peer = outer_peer or carrier.public_key
         flow = transport_flow(outer, carrier)
         ans = view.answer(flow)
         if flow is None or ans is None or not ans.ok:
-            return tuple(chain), outer_peer
+            return hops, outer_peer
         oif, address = ans.oif, flow.dst
+        overhead += WG_OVERHEAD[address.version]
 
 
-def _mtu(view: _View, device: Device, peer: Peer, chain: tuple[str, ...]) -> MtuCost | None:
+def _mtu(view: _View, device: Device, peer: Peer, hops: list[_Hop]) -> MtuCost | None:
+    """Each tunnel layer adds its own headers: the inner MTU that fits is the smallest
+    (link MTU - headers carried there); direct, only the underlay and one layer count."""
     assert peer.endpoint is not None
     links = {link.name: link for link in view.snap.links}
-    crossed = [links[n] for n in chain[1:] if n in links]
-    if not crossed:
+    first = {h.link: h for h in reversed(hops)}  # a loop's repeated link carries nothing more
+    fits = [links[h.link].mtu - h.overhead for h in first.values() if h.link in links]
+    if not fits:
         return None
-    overhead = WG_OVERHEAD[peer.endpoint.family]
-    usable = min(link.mtu for link in crossed) - overhead
-    direct = crossed[-1].mtu - overhead
+    usable = min(fits)
+    family = peer.endpoint.family
+    last = links.get(hops[-1].link)
+    if last is not None and not view.is_tunnel(last.index):
+        underlay: Link | None = last
+    else:
+        default = next((d for d in view.snap.defaults
+                        if d.family == family and not view.is_tunnel(d.oif)), None)
+        underlay = view.links.get(default.oif) if default is not None else None
+    direct = underlay.mtu - WG_OVERHEAD[family] if underlay is not None else usable
     return MtuCost(device.mtu, usable, direct, max(0, direct - usable))
 
 
@@ -242,13 +263,14 @@ def peer_path(view: _View, device: Device, peer: Peer, allow: Collection[tuple[s
         return dataclasses.replace(base, verdict=NO_ROUTE, error=ans.error or "unroutable")
     if not view.is_tunnel(ans.oif):
         return dataclasses.replace(base, verdict=DIRECT, chain=(device.name, view.name(ans.oif)))
-    chain, outer_peer = _chain(view, device, peer, ans.oif)
+    hops, outer_peer = _chain(view, device, peer, ans.oif)
+    chain = (device.name, *(h.link for h in hops))
     loop = ans.oif == device.ifindex or device.name in chain[1:]
     return dataclasses.replace(
         base, verdict=LOOP if loop else NESTED, outer=view.name(ans.oif), outer_peer=outer_peer,
         chain=chain, allowed=not loop and (device.name, view.name(ans.oif)) in allow,
         fix=_fix(view, device, peer, flow, ans), mtu=None if loop else _mtu(view, device, peer,
-                                                                             chain))
+                                                                             hops))
 
 
 def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = ()) -> list[PeerPath]:

@@ -101,7 +101,7 @@ def kernel_devices(
         wg = open_wg()
     except (OSError, NetlinkError) as exc:  # no genl family 'wireguard', or no permission
         raise SourceError(f"wireguard generic netlink unavailable: {exc}",
-                          reason_for_errno(getattr(exc, "code", None))) from None
+                          reason_for_errno(getattr(exc, "code", None) or exc.errno)) from None
     devices: list[Device] = []
     errors: dict[str, str] = {}
     try:
@@ -122,7 +122,7 @@ def _read_one(wg: Any, link: Link) -> Device:
         except NetlinkDumpInterrupted:
             continue
         except (OSError, NetlinkError) as exc:
-            code = getattr(exc, "code", None) or exc.errno
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
             raise SourceError(f"device {link.name}: {exc}", reason_for_errno(code)) from None
     raise SourceError(f"device {link.name}: dump changed {DUMP_RETRIES} times while read",
                       "dump_intr")

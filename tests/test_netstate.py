@@ -1,0 +1,135 @@
+"""rule_from_msg on real pyroute2 fibmsg objects (built, encoded, decoded afresh), Rule's text
+and mark matching; as root, the same rules read back from a kernel in a namespace of our own."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+from typing import Any
+
+import pytest
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+
+from wgnest.model import Rule
+from wgnest.sources.netstate import NetState, rule_from_msg
+
+UNSET = 0xFFFFFFFF
+ALL = 0xFFFFFFFF
+
+
+def kernel_rule(table: int, action: int = 1, flags: int = 0, family: int = socket.AF_INET,
+                **attrs: Any) -> fibmsg:
+    """A rule as fib_nl_fill_rule sends it: header table u8 (252 above 255), FRA_TABLE u32,
+    FRA_SUPPRESS_PREFIXLEN always, FRA_PRIORITY only when not 0."""
+    msg = fibmsg()
+    msg["family"], msg["table"] = family, table if table < 256 else 252
+    msg["action"], msg["flags"] = action, flags
+    nlas = {"FRA_TABLE": table, "FRA_SUPPRESS_PREFIXLEN": UNSET, **attrs}
+    msg["attrs"] = [[f"FRA_{k.removeprefix('FRA_')}", v] for k, v in nlas.items()]
+    msg.encode()
+    decoded = fibmsg(msg.data)
+    decoded.decode()
+    return decoded
+
+
+WG_NOT_FWMARK = kernel_rule(51820, flags=0x2, FRA_PRIORITY=32765, FRA_FWMARK=51820,
+                            FRA_FWMASK=ALL, FRA_PROTOCOL=0)
+WG_SUPPRESS = kernel_rule(254, FRA_PRIORITY=32764, FRA_SUPPRESS_PREFIXLEN=0, FRA_PROTOCOL=0)
+LOCAL = kernel_rule(255)
+CASES = [
+    (4, WG_NOT_FWMARK, Rule(4, 32765, 51820, 1, 51820, ALL, True, -1),
+     "32765: not from all fwmark 0xca6c lookup 51820"),
+    (4, WG_SUPPRESS, Rule(4, 32764, 254, 1, suppress_prefixlength=0),
+     "32764: from all lookup main suppress_prefixlength 0"),
+    (4, LOCAL, Rule(4, 0, 255, 1), "0: from all lookup local"),
+    (6, kernel_rule(254, family=socket.AF_INET6, FRA_PRIORITY=32766), Rule(6, 32766, 254, 1),
+     "32766: from all lookup main"),
+    (4, kernel_rule(100, FRA_PRIORITY=100, FRA_FWMARK=0x99, FRA_FWMASK=0xFF),
+     Rule(4, 100, 100, 1, 0x99, 0xFF), "100: from all fwmark 0x99/0xff lookup 100"),
+    (4, kernel_rule(253, FRA_PRIORITY=32767, FRA_SUPPRESS_PREFIXLEN=8),
+     Rule(4, 32767, 253, 1, suppress_prefixlength=8),
+     "32767: from all lookup default suppress_prefixlength 8"),
+]
+
+
+def test_messages_carry_what_the_kernel_sends() -> None:
+    assert WG_NOT_FWMARK["table"] == 252
+    assert WG_NOT_FWMARK["flags"] == 0x2
+    assert LOCAL.get_attr("FRA_PRIORITY") is None
+    assert LOCAL.get_attr("FRA_SUPPRESS_PREFIXLEN") == UNSET
+
+
+@pytest.mark.parametrize(("version", "msg", "want", "text"), CASES,
+                         ids=["wg-not-fwmark", "wg-suppress", "local", "v6-main", "masked",
+                              "default-suppress-8"])
+def test_rule_from_msg(version: int, msg: fibmsg, want: Rule, text: str) -> None:
+    rule = rule_from_msg(version, msg)
+    assert rule == want
+    assert str(rule) == text
+
+
+BLACKHOLE = kernel_rule(0, action=6, FRA_PRIORITY=50)
+
+
+def test_blackhole_rule() -> None:
+    assert rule_from_msg(4, BLACKHOLE) == Rule(4, 50, 0, 6)
+
+
+def test_blackhole_rule_text() -> None:
+    assert str(rule_from_msg(4, BLACKHOLE)) == "50: from all blackhole"  # as `ip rule` prints
+
+
+def test_header_table_when_no_fra_table() -> None:
+    msg = fibmsg()
+    msg["family"], msg["table"], msg["action"] = socket.AF_INET, 254, 1
+    msg["attrs"] = [["FRA_PRIORITY", 32766]]
+    msg.encode()
+    decoded = fibmsg(msg.data)
+    decoded.decode()
+    assert rule_from_msg(4, decoded) == Rule(4, 32766, 254, 1)
+
+
+@pytest.mark.parametrize(("rule", "marks"), [
+    (Rule(4, 32765, 51820, 1, 51820, ALL, True), {0: True, 51820: False, 51821: True}),
+    (Rule(4, 32764, 254, 1, suppress_prefixlength=0), {0: True, 51820: True}),
+    (Rule(4, 100, 100, 1, 0x99, 0xFF), {0x99: True, 0x199: True, 0x98: False, 0: False}),
+    (Rule(4, 100, 100, 1, 0x99, 0xFF, True), {0x99: False, 0x199: False, 0x98: True}),
+], ids=["not-fwmark", "no-selector", "masked", "not-masked"])
+def test_matches_mark(rule: Rule, marks: dict[int, bool]) -> None:
+    assert {m: rule.matches_mark(m) for m in marks} == marks
+
+
+def run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+def test_rules_from_a_real_kernel() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates a network namespace and adds rules")
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2's `ip`")
+    from pyroute2 import IPRoute
+
+    ns = "ns" + secrets.token_hex(2)
+    run("ip", "netns", "add", ns)
+    state = NetState(lambda: IPRoute(netns=ns))
+    try:
+        for six in ([], ["-6"]):  # what wg-quick's add_default runs
+            run("ip", "-n", ns, *six, "rule", "add", "not", "fwmark", "51820", "table", "51820")
+            run("ip", "-n", ns, *six, "rule", "add", "table", "main", "suppress_prefixlength",
+                "0")
+        rules = state.rules()
+    finally:
+        state.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    assert [str(r) for r in rules if r.family == 4] == [
+        "0: from all lookup local", "32764: from all lookup main suppress_prefixlength 0",
+        "32765: not from all fwmark 0xca6c lookup 51820", "32766: from all lookup main",
+        "32767: from all lookup default"]
+    assert [str(r) for r in rules if r.family == 6] == [
+        "0: from all lookup local", "32764: from all lookup main suppress_prefixlength 0",
+        "32765: not from all fwmark 0xca6c lookup 51820", "32766: from all lookup main"]
+    assert Rule(4, 32765, 51820, 1, 51820, ALL, True) in rules
