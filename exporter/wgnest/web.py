@@ -38,15 +38,12 @@ _REJECT_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnect
 
 
 class Handlers(Protocol):
-    def metrics(self) -> bytes:
-        """The rendered exposition body; cheap, does no netlink I/O."""
-
-    def status_page(self) -> str:
-        """HTML for "/"."""
+    def metrics(self) -> bytes: ...  # the rendered exposition body; cheap, no netlink I/O
+    def status_page(self) -> str: ...  # HTML for "/"
 
 
 class _HeadTooLarge(Exception):
-    pass
+    """The request head passed MAX_HEAD_BYTES."""
 
 
 class _BasicAuth:
@@ -113,6 +110,7 @@ class _DeadlineReader(io.RawIOBase):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # so even answers to garbage have a status line
     server_version = "wgnest"
     sys_version = ""
     timeout = REQUEST_TIMEOUT
@@ -120,11 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
     deadline = 0.0
     head_bytes = 0
 
-    @property
-    def app(self) -> _Server:
-        return cast(_Server, self.server)
-
     def setup(self) -> None:
+        self.app = cast(_Server, self.server)
         super().setup()
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
 
@@ -201,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
+        """Nothing per request: scrapes are routine."""
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("%s: %s", self.client_address[0], format % args)
@@ -210,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # socketserver's 5 drops SYNs in a burst: 1 s client retries
 
     def __init__(self, family: socket.AddressFamily, address: tuple[str, int],
                  handlers: Handlers, telemetry_path: str, web_config: WebConfig | None) -> None:
@@ -308,16 +304,14 @@ def serve(listen: str, handlers: Handlers, telemetry_path: str = "/metrics",
     host, port = parse_listen(listen)
     if not telemetry_path.startswith("/") or telemetry_path in ("/", "/-/healthy"):
         raise ValueError(f"bad telemetry path {telemetry_path!r}")
+    args = (handlers, telemetry_path, web_config)
     if host in ("", "::"):
         try:  # all addresses, IPv4 included, when the machine has IPv6
-            return Server(_Server(socket.AF_INET6, ("::", port), handlers, telemetry_path,
-                                  web_config))
+            return Server(_Server(socket.AF_INET6, ("::", port), *args))
         except OSError:
             if host == "::":
                 raise
-        return Server(_Server(socket.AF_INET, ("0.0.0.0", port), handlers, telemetry_path,
-                              web_config))
+        return Server(_Server(socket.AF_INET, ("0.0.0.0", port), *args))
     family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                flags=socket.AI_PASSIVE)[0]
-    address = (str(addr[0]), int(addr[1]))
-    return Server(_Server(family, address, handlers, telemetry_path, web_config))
+    return Server(_Server(family, (str(addr[0]), int(addr[1])), *args))

@@ -116,7 +116,7 @@ class _Parser:
         return value
 
     def path_of(self, value: str) -> Path:
-        return self.path.parent / value  # an absolute value stays absolute
+        return (self.path.parent / value).absolute()  # an absolute value stays as it is
 
     def tls(self, doc: Mapping[str, Any]) -> TLSServerConfig | None:
         sec = self.section(doc, "tls_server_config", _TLS_KEYS)
@@ -187,6 +187,8 @@ class _Parser:
                 raise self.fail(key, "this header can not be configured")
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise self.fail(key, "must be a string")
+            if not (str(value).isascii() and str(value).isprintable()):
+                raise self.fail(key, "must be printable ASCII on one line")
             allowed = HEADER_VALUES[name]
             if allowed is not None and str(value) not in allowed:
                 raise self.fail(key, f"must be one of {', '.join(allowed)}")
@@ -199,8 +201,8 @@ def load_web_config(path: Path) -> WebConfig:
     parser = _Parser(path)
     try:
         data = path.read_bytes()
-    except OSError as e:
-        raise parser.fail("file", f"cannot read: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:
+        raise parser.fail("file", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
         doc = yaml.load(data, Loader=_Loader)  # a SafeLoader subclass
     except yaml.MarkedYAMLError as e:  # no snippet: the line may hold a secret
@@ -209,6 +211,8 @@ def load_web_config(path: Path) -> WebConfig:
         raise parser.fail("yaml", f"{e.problem or e.context}{where}") from None
     except yaml.YAMLError as e:
         raise parser.fail("yaml", e) from None
+    except RecursionError:
+        raise parser.fail("yaml", "nested too deeply") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -245,8 +249,9 @@ def build_ssl_context(cfg: WebConfig) -> ssl.SSLContext | None:
         try:
             with open(file, "rb") as f:
                 f.read(1)
-        except OSError as e:
-            raise WebConfigError(f"{where}.{name}: cannot read {file}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise WebConfigError(f"{where}.{name}: cannot read {file}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
     for name, file in files:
         if name == "key_file":
             continue
