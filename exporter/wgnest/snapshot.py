@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wgnest.analysis.paths import fix_flows, transport_flows
-from wgnest.model import Device, Snapshot
+from wgnest.model import Device, Flow, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import RouteLookup
@@ -43,13 +43,13 @@ class _Run:
         self.errors: dict[str, tuple[str, str]] = {}
         self.durations: dict[str, float] = {}
 
-    def timed(self, collector: str, fn: Callable[[], T], default: T) -> T:
+    def timed(self, collector: str, fn: Callable[[], T]) -> T | None:
         start = time.monotonic()
         try:
             return fn()
         except SourceError as exc:
             self.fail(collector, exc.reason, str(exc))
-            return default
+            return None
         finally:
             self.durations[collector] = self.durations.get(collector, 0.0) + (
                 time.monotonic() - start)
@@ -66,22 +66,24 @@ class _Run:
 
 def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     run = _Run()
-    links = run.timed("links", reader.netstate.links, [])
-    rules = run.timed("rules", reader.netstate.rules, [])
-    defaults = run.timed("rules", reader.netstate.defaults, [])
-    kernel_kwargs = {"open_wg": reader.open_wg} if reader.open_wg else {}
-    kdevs, kerr = run.timed(
-        "wireguard_kernel", lambda: kernel_devices(links, **kernel_kwargs), ([], {}))
+    links = run.timed("links", reader.netstate.links) or []
+    rules = run.timed("rules", reader.netstate.rules) or []
+    defaults = run.timed("rules", reader.netstate.defaults) or []
+    open_wg = reader.open_wg
+    kdevs, kerr = run.timed("wireguard_kernel", lambda: kernel_devices(links, open_wg)
+                            if open_wg else kernel_devices(links)) or ([], {})
     run.device_errors("wireguard_kernel", kerr)
     skip = {d.name for d in kdevs} | set(kerr)
     udevs, uerr = run.timed("wireguard_uapi", lambda: uapi_devices(
-        links, reader.uapi_dir, reader.uapi_timeout, skip=skip), ([], {}))
+        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], {})
     run.device_errors("wireguard_uapi", uerr)
     devices: tuple[Device, ...] = tuple(sorted(kdevs + udevs, key=lambda d: d.name))
-    lookups = run.timed("route_lookup", lambda: reader.lookup.lookup(transport_flows(devices)), {})
+    lookups: dict[Flow, RouteAnswer] = run.timed(
+        "route_lookup", lambda: reader.lookup.lookup(transport_flows(devices))) or {}
     snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(defaults), lookups)
     if lookups:
-        lookups.update(run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap)), {}))
+        lookups.update(run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap)))
+                       or {})
     for collector, (reason, message) in run.errors.items():
         log.debug("source %s failed (%s): %s", collector, reason, message)
     return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.defaults, lookups,
