@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
+    except Exception as exc:
         logging.getLogger("wgnest").debug("fatal", exc_info=True)
         sys.stderr.write(f"wgnest: {exc}\n")
         return UNKNOWN

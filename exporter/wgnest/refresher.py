@@ -75,7 +75,7 @@ class Refresher:
             started = time.monotonic()
             try:
                 self.refresh_once()
-            except Exception:  # noqa: BLE001 - a bug must not stop the exporter; it is logged
+            except Exception:
                 log.exception("refresh failed")
                 self._errors_total["other"] += 1
             self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))

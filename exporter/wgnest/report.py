@@ -92,8 +92,8 @@ def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
     if fix is None or (p.verdict == NESTED and p.allowed):
         return lines
     if fix.kind == "fwmark":
-        lines.append(f"    fix: add to the [Interface] section of {_config_file(config_dir, p.device)}:"
-                     f"  {fix.config_line}")
+        where = _config_file(config_dir, p.device)
+        lines.append(f"    fix: add to the [Interface] section of {where}:  {fix.config_line}")
         lines.append(f"         now, at runtime: {fix.command}   ({fix.explanation})")
     else:
         lines.append(f"    fix: {fix.command}")

@@ -14,7 +14,7 @@ from wgnest.analysis.paths import fix_flows, transport_flows
 from wgnest.model import Device, Flow, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
-from wgnest.sources.route_lookup import RouteLookup
+from wgnest.sources.route_lookup import CachedRouteLookup
 from wgnest.sources.wg_kernel import kernel_devices
 from wgnest.sources.wg_uapi import uapi_devices
 
@@ -30,7 +30,7 @@ class Reader:
     uapi_dir: Path = Path("/var/run/wireguard")
     uapi_timeout: float = 1.0
     netstate: NetState = field(default_factory=NetState)
-    lookup: RouteLookup = field(default_factory=RouteLookup)
+    lookup: CachedRouteLookup = field(default_factory=CachedRouteLookup)
     open_wg: Callable[[], Any] | None = None
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from wgnest.model import (
     Device,
     Flow,
     IPAddress,
+    Link,
     Peer,
     RouteAnswer,
     Snapshot,

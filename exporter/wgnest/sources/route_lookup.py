@@ -13,7 +13,8 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from wgnest.model import Flow, RouteAnswer
 from wgnest.sources.errors import SourceError, reason_for_errno
@@ -140,3 +141,75 @@ class RouteLookup:
                     out[flow] = decode_route(body)
         return out
 
+
+
+# rtnetlink multicast groups whose messages can change a route lookup's answer.
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE = 0x1, 0x10, 0x40, 0x80
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_IPV6_RULE = 0x100, 0x400, 1 << 18
+WATCHED = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+           | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_RULE)
+
+
+class CachedRouteLookup:
+    """RouteLookup with a cache keyed by flow (endpoint, mark, ports, oif).
+
+    The whole cache is dropped when the kernel announces any link, address, route or rule
+    change (rtnetlink multicast, drained before each use, so a change that happened before
+    a lookup is always seen by it), when the announcements overflowed, and after `ttl`.
+    """
+
+    def __init__(self, lookup: RouteLookup | None = None, ttl: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lookup = lookup or RouteLookup()
+        self._ttl, self._clock = ttl, clock
+        self._cache: dict[Flow, RouteAnswer] = {}
+        self._filled_at = 0.0
+        self._events: socket.socket | None = None
+        self.invalidations = 0
+
+    def _subscribe(self) -> socket.socket:
+        if self._events is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.bind((0, WATCHED))
+            sock.setblocking(False)
+            self._events = sock
+            self._cache.clear()  # anything cached before we listened is unproven
+        return self._events
+
+    def _changed(self) -> bool:
+        """Drain pending announcements; True if there were any (or some were lost)."""
+        try:
+            sock = self._subscribe()
+        except OSError:
+            return True  # cannot listen: never trust the cache
+        changed = False
+        while True:
+            try:
+                if not sock.recv(1 << 16):
+                    return changed
+                changed = True
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: announcements were dropped, assume a change
+                changed = True
+
+    def lookup(self, flows: Iterable[Flow]) -> dict[Flow, RouteAnswer]:
+        wanted = list(dict.fromkeys(flows))
+        now = self._clock()
+        if self._changed() or now - self._filled_at > self._ttl:
+            if self._cache:
+                self.invalidations += 1
+            self._cache.clear()
+            self._filled_at = now
+        missing = [f for f in wanted if f not in self._cache]
+        if missing:
+            self._cache.update(self._lookup.lookup(missing))
+        return {f: self._cache[f] for f in wanted if f in self._cache}
+
+    def close(self) -> None:
+        self._lookup.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        self._cache.clear()
