@@ -1,0 +1,69 @@
+"""Is a tunnel slower than its underlay? Medians of probe RTTs (seconds), no I/O.
+
+"real" is the path the tunnel's packets really take (the tunnel path when it is probed,
+else the transport path); "direct" is the same endpoint reached over the underlay. Medians
+make single spikes and noise harmless; loss (missing samples) never flags anything alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return sorted(v for v in values if math.isfinite(v))
+
+
+def median(values: Sequence[float]) -> float | None:
+    """Median of the finite values; None when there are none."""
+    xs = _finite(values)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else xs[mid - 1] / 2 + xs[mid] / 2  # no overflow
+
+
+def overhead_ratio(real: Sequence[float], direct: Sequence[float]) -> float | None:
+    """median(real) / median(direct); None if either is empty or the direct median <= 0."""
+    r, d = median(real), median(direct)
+    if r is None or d is None or d <= 0:
+        return None
+    return r / d
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms"
+
+
+def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Sequence[float],
+                    *, ratio: float = 1.5, min_excess: float = 0.005, jump_ratio: float = 3.0,
+                    min_samples: int = 3) -> tuple[bool, str]:
+    """(anomaly, one-line reason).
+
+    Anomaly when the real path is at least `ratio` times and `min_excess` seconds slower than
+    direct, or its recent median jumped `jump_ratio` times (and `min_excess`) above its own
+    longer `baseline`. Each series needs `min_samples` samples to count.
+    """
+    n, real_med = len(_finite(real)), median(real)
+    if real_med is None or n < min_samples:
+        return False, f"not enough samples on the real path ({n} < {min_samples})"
+    notes: list[str] = []
+    direct_med = median(direct)
+    if direct_med is not None and len(_finite(direct)) >= min_samples:
+        excess = real_med - direct_med
+        if direct_med > 0 and real_med / direct_med >= ratio and excess >= min_excess:
+            return True, (f"real path {_ms(real_med)} is {real_med / direct_med:.1f}x direct "
+                          f"{_ms(direct_med)} (+{_ms(excess)})")
+        rel = f"{real_med / direct_med:.2f}x" if direct_med > 0 else "n/a"
+        notes.append(f"real {_ms(real_med)} vs direct {_ms(direct_med)} ({rel})")
+    else:
+        notes.append(f"real {_ms(real_med)}, direct path has too few samples")
+    base_med = median(baseline)
+    if base_med is not None and len(_finite(baseline)) >= min_samples:
+        excess = real_med - base_med
+        if base_med > 0 and real_med >= jump_ratio * base_med and excess >= min_excess:
+            return True, (f"real path {_ms(real_med)} jumped {real_med / base_med:.1f}x above "
+                          f"its baseline {_ms(base_med)} (+{_ms(excess)})")
+        notes.append(f"baseline {_ms(base_med)}")
+    return False, "ok: " + ", ".join(notes)

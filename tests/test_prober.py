@@ -1,0 +1,552 @@
+"""The latency prober: (a) with a fake socket layer, (b) for real, between namespaces we make."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+
+from wgnest.probe_metrics import peer_latency, probe_families
+from wgnest.prober import (
+    BUCKETS,
+    Channel,
+    Prober,
+    ProbeSnapshot,
+    ProbeTarget,
+    Reply,
+    SeriesSnapshot,
+    probe_mode,
+)
+
+A = ip_address
+
+
+def target(addr: str, path: str = "direct", mark: int = 0, key: str = "k1") -> ProbeTarget:
+    return ProbeTarget("wg0", key, path, A(addr), mark)
+
+
+# --------------------------------------------------------------------------- fake socket layer
+
+class FakeChannel:
+    """Answers at once according to `net`: address -> "ok", "silent", "eperm", "foreign",
+    "dup", "badtoken", "badid"."""
+
+    def __init__(self, net: dict[str, str], family: int, mark: int) -> None:
+        self.net, self.family, self.mark = net, family, mark
+        self.rx, self.tx = socket.socketpair()
+        self.queue: list[Reply] = []
+        self.sent: list[tuple[str, int]] = []
+        self.on_send: Callable[[], None] = lambda: None
+
+    def fileno(self) -> int:
+        return self.rx.fileno()
+
+    def ident(self, chosen: int) -> int:
+        return chosen
+
+    def send(self, address: str, ident: int, sequence: int, payload: bytes) -> int | None:
+        self.on_send()
+        self.sent.append((address, self.mark))
+        how = self.net.get(address, "ok")
+        if how == "eperm":
+            raise PermissionError(1, "Operation not permitted")
+        replies = {
+            "ok": [Reply(address, ident, sequence, True, payload, None)],
+            "dup": [Reply(address, ident, sequence, True, payload, None)] * 3,
+            "foreign": [Reply("198.18.9.9", ident, sequence, True, payload, None)],
+            "badtoken": [Reply(address, ident, sequence, True, bytes(len(payload)), None)],
+            "badid": [Reply(address, ident ^ 1, sequence, True, payload, None)],
+            "unreach": [Reply("198.18.0.254", ident, sequence, False, b"", None)],
+        }.get(how, [])
+        self.queue += replies
+        if replies:
+            self.tx.send(b"x")
+        return None
+
+    def receive(self) -> tuple[list[Reply], OSError | None]:
+        with contextlib.suppress(BlockingIOError):
+            self.rx.recv(4096, socket.MSG_DONTWAIT)
+        out, self.queue = self.queue, []
+        return out, None
+
+    def close(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+class FakeProber(Prober):
+    def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], net: dict[str, str],
+                 no_socket_marks: tuple[int, ...] = ()) -> None:
+        super().__init__(targets, timeout=0.2, privileged=True, window=5, baseline=20)
+        self.disabled_reason = ""  # the fake needs no privilege
+        self.net, self.no_socket_marks = net, no_socket_marks
+        self.opened: list[FakeChannel] = []
+
+    def _open_channel(self, family: int, mark: int) -> Channel:
+        if mark in self.no_socket_marks:
+            raise PermissionError(1, "Operation not permitted")
+        ch = FakeChannel(self.net, family, mark)
+        self.opened.append(ch)
+        return ch
+
+
+def sent_flows(p: FakeProber) -> list[tuple[str, int]]:
+    return [f for ch in p.opened for f in ch.sent]
+
+
+def test_flows_are_deduplicated_and_results_shared() -> None:
+    ts = [target("198.18.0.2", "direct"), target("198.18.0.2", "transport"),
+          target("198.18.0.2", "transport", mark=0x77, key="k2"), target("fd00::2", "tunnel")]
+    p = FakeProber(lambda: ts, {})
+    p.run_once()
+    assert sorted(sent_flows(p)) == [("198.18.0.2", 0), ("198.18.0.2", 0x77), ("fd00::2", 0)]
+    snap = p.snapshot()
+    assert snap.ok
+    assert snap.rounds == 1
+    assert {(s.sent, s.received) for s in snap.series.values()} == {(1, 1)}
+    direct, transport = snap.series["wg0", "k1", "direct"], snap.series["wg0", "k1", "transport"]
+    assert direct.recent == transport.recent
+    assert 0 < direct.recent[0] < 0.2
+
+
+def test_silent_eperm_unreachable_and_foreign_replies_are_losses() -> None:
+    net = {"198.18.0.3": "silent", "198.18.0.4": "eperm", "198.18.0.5": "foreign",
+           "198.18.0.6": "badtoken", "198.18.0.7": "badid", "198.18.0.8": "dup",
+           "198.18.0.9": "unreach"}
+    ts = [target(f"198.18.0.{i}", key=f"k{i}") for i in range(2, 10)]
+    p = FakeProber(lambda: ts, net)
+    for _ in range(2):
+        p.run_once()
+    snap = p.snapshot()
+    got = {k[1]: (s.sent, s.received) for k, s in snap.series.items()}
+    assert got == {"k2": (2, 2), "k3": (2, 0), "k4": (2, 0), "k5": (2, 0), "k6": (2, 0),
+                   "k7": (2, 0), "k8": (2, 2), "k9": (2, 0)}
+    assert snap.series["wg0", "k3", "direct"].error == ""  # silence is loss, not an error
+    assert snap.series["wg0", "k4", "direct"].error.startswith("eperm: send to 198.18.0.4")
+    assert snap.series["wg0", "k9", "direct"].error == "unreachable: ICMP error from 198.18.0.254"
+    assert snap.series["wg0", "k3", "direct"].loss == 1.0
+    assert snap.series["wg0", "k2", "direct"].loss == 0.0
+    assert (snap.ok, snap.reason) == (False, "eperm")
+    assert "198.18.0.4" in snap.message
+
+
+def test_unopenable_socket_is_not_counted_as_sent() -> None:
+    ts = [target("198.18.0.2"), target("198.18.0.2", "transport", mark=0x77)]
+    p = FakeProber(lambda: ts, {}, no_socket_marks=(0x77,))
+    p.run_once()
+    snap = p.snapshot()
+    assert snap.series["wg0", "k1", "transport"].sent == 0
+    assert snap.series["wg0", "k1", "transport"].loss is None  # never "0 % loss" of nothing
+    assert snap.series["wg0", "k1", "direct"].received == 1
+    assert snap.reason == "eperm"
+    assert "socket for 198.18.0.2 mark 0x77" in snap.message
+
+
+def test_targets_appear_at_zero_and_vanish() -> None:
+    ts = [target("198.18.0.2")]
+    p = FakeProber(lambda: ts, {})
+    p.run_once()
+    ts[:] = [target("198.18.0.2", key="new")]
+    seen: list[ProbeSnapshot] = []
+    p.opened[0].on_send = lambda: seen.append(p.snapshot())  # mid-round: must not block
+    p.run_once()
+    assert set(seen[0].series) == {("wg0", "new", "direct")}
+    assert seen[0].series["wg0", "new", "direct"].sent == 0
+    assert set(p.snapshot().series) == {("wg0", "new", "direct")}
+
+
+def test_window_and_histogram() -> None:
+    p = FakeProber(lambda: [target("198.18.0.2")], {})
+    for _ in range(7):
+        p.run_once()
+    s = p.snapshot().series["wg0", "k1", "direct"]
+    assert (s.sent, s.received, s.recent_sent, len(s.recent), len(s.baseline)) == (7, 7, 5, 5, 7)
+    assert len(s.buckets) == len(BUCKETS)
+    assert s.buckets[-1] == 7
+    assert list(s.buckets) == sorted(s.buckets)
+    assert s.rtt_sum == pytest.approx(sum(s.baseline))
+
+
+def test_start_stop_fake() -> None:
+    p = FakeProber(lambda: [target("198.18.0.2")], {"198.18.0.2": "silent"})
+    p.interval = 0.05
+    p.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    p.stop()
+    assert time.monotonic() - began < 2.0
+    assert not any(t.name == "wgnest-prober" for t in threading.enumerate())
+    assert p.snapshot().rounds >= 1
+
+
+def test_probe_mode_detection() -> None:
+    assert probe_mode(None, True, "1 0", [0]) == (True, "")
+    assert probe_mode(None, False, "0 2147483647", [1000]) == (False, "")
+    assert probe_mode(None, False, "100\t200\n", [1000, 150]) == (False, "")
+    use_raw, why = probe_mode(None, False, "1\t0\n", [0])
+    assert not use_raw
+    assert why == "no CAP_NET_RAW and net.ipv4.ping_group_range '1 0' excludes gid 0"
+    assert probe_mode(False, True, "1 0", [0])[1].startswith("no CAP_NET_RAW and net.ipv4.ping")
+    assert probe_mode(True, False, "0 65535", [0])[1] != ""
+    assert "unreadable" in probe_mode(None, False, None, [0])[1]
+
+
+def test_disabled_prober_reports_and_exports_nothing() -> None:
+    p = Prober(lambda: [target("198.18.0.2")], privileged=False)
+    p.disabled_reason = "no CAP_NET_RAW and net.ipv4.ping_group_range '1 0' excludes gid 0"
+    p.run_once()
+    snap = p.snapshot()
+    assert (snap.ok, snap.reason, snap.message) == (False, "disabled", p.disabled_reason)
+    assert not snap.series
+
+
+# --------------------------------------------------------------------------- metrics
+
+def series(path: str, rtts: Sequence[float], sent: int, key: str = "k1") -> SeriesSnapshot:
+    buckets = tuple(sum(r <= b for r in rtts) for b in BUCKETS)
+    return SeriesSnapshot(target(f"198.18.0.{len(path)}", path, key=key), sent, len(rtts),
+                          buckets, sum(rtts), tuple(rtts), sent, tuple(rtts))
+
+
+def render(snap: ProbeSnapshot) -> str:
+    class Collector:
+        def collect(self) -> Iterator[Metric]:
+            return probe_families(snap, 1.5, 0.005)
+
+    reg = CollectorRegistry()
+    reg.register(Collector())
+    return generate_latest(reg).decode()
+
+
+def test_probe_families() -> None:
+    snap = ProbeSnapshot({
+        ("wg0", "k1", "tunnel"): series("tunnel", [0.04] * 5, 5),
+        ("wg0", "k1", "direct"): series("direct", [0.0003] * 4, 5),
+        ("wg0", "k2", "transport"): series("transport", [], 0, key="k2"),
+    }, ok=True)
+    text = render(snap)
+    assert 'wireguard_probe_packets_sent_total{device="wg0",path="transport",public_key="k2"} 0.0'\
+        in text
+    assert 'wireguard_probe_rtt_seconds_bucket{device="wg0",le="0.05",path="tunnel",' \
+        'public_key="k1"} 5.0' in text
+    assert 'wireguard_probe_rtt_seconds_bucket{device="wg0",le="+Inf",path="direct",' \
+        'public_key="k1"} 4.0' in text
+    assert re.search(r'overhead_ratio\{device="wg0",public_key="k1"\} 133\.3', text)
+    assert 'overhead_ratio{device="wg0",public_key="k2"}' not in text  # unknown: absent
+    assert 'wireguard_peer_latency_anomaly{device="wg0",public_key="k1"} 1.0' in text
+    assert 'wireguard_peer_latency_anomaly{device="wg0",public_key="k2"} 0.0' in text
+    v = peer_latency(snap, "wg0", "k1", 1.5, 0.005)
+    assert (v.real_path, v.anomaly, v.median["tunnel"]) == ("tunnel", True, 0.04)
+    assert v.loss["direct"] == pytest.approx(0.2)
+    assert peer_latency(snap, "wg0", "nobody", 1.5, 0.005).reason == \
+        "no tunnel or transport probe"
+
+
+# --------------------------------------------------------------------------- real namespaces
+
+CLONE_NEWNET = 0x40000000
+lab = pytest.mark.lab
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip"),
+    reason="needs root (CAP_NET_ADMIN, CAP_NET_RAW) and iproute2 to build network namespaces")
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    if check and res.returncode:
+        raise AssertionError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+@contextlib.contextmanager
+def inside(ns: str) -> Iterator[None]:
+    """Run this thread in namespace `ns` (sockets and threads made meanwhile stay there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{ns}") as there:
+        if libc.setns(there.fileno(), CLONE_NEWNET):
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+class Lab:
+    """pbXXXXa probes; pbXXXXb answers (198.18.0.2, fd00:77::2, anyip 198.18.1.0/24; 198.18.0.3
+    silent; 198.18.3.2 by way of router pbXXXXr); pbXXXXc is a dead end that mark 0x77 routes
+    to; sends to 198.18.0.4 are refused."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(2)
+        self.a, self.b, self.c, self.r = (f"pb{tag}{r}" for r in "abcr")
+        self.made: list[str] = []
+
+    def build(self) -> None:
+        for ns in (self.a, self.b, self.c, self.r):
+            sh("ip", "netns", "add", ns)
+            self.made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        a, b, c, r = self.a, self.b, self.c, self.r
+        for ns, dev, peer, there, mine, theirs in (
+                (a, "a2", "r0", r, "198.18.2.1/30", "198.18.2.2/30"),
+                (b, "b2", "r1", r, "198.18.3.2/30", "198.18.3.1/30")):
+            sh("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer,
+               "netns", there)
+            sh("ip", "-n", ns, "addr", "add", mine, "dev", dev)
+            sh("ip", "-n", there, "addr", "add", theirs, "dev", peer)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", there, "link", "set", peer, "up")
+        sh("ip", "-n", a, "route", "add", "198.18.3.0/30", "via", "198.18.2.2")
+        sh("ip", "-n", b, "route", "add", "198.18.2.0/30", "via", "198.18.3.1")
+        sh("ip", "-n", a, "link", "add", "a0", "type", "veth", "peer", "name", "b0", "netns", b)
+        sh("ip", "-n", a, "link", "add", "a1", "type", "veth", "peer", "name", "c1", "netns", c)
+        for ns, dev, v4, v6 in ((a, "a0", "198.18.0.1/29", "fd00:77::1/64"),
+                                (b, "b0", "198.18.0.2/29", "fd00:77::2/64")):
+            sh("ip", "-n", ns, "addr", "add", v4, "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", b, "addr", "add", "198.18.0.3/29", "dev", "b0")
+        sh("ip", "-n", b, "route", "add", "local", "198.18.1.0/24", "dev", "lo")
+        sh("ip", "-n", a, "route", "add", "198.18.1.0/24", "via", "198.18.0.2")
+        sh("ip", "-n", a, "link", "set", "a1", "up")
+        sh("ip", "-n", c, "link", "set", "c1", "up")
+        sh("ip", "-n", a, "route", "add", "198.18.0.0/29", "dev", "a1", "table", "77")
+        sh("ip", "-n", a, "neigh", "add", "198.18.0.2", "lladdr", "02:00:00:00:00:77", "dev",
+           "a1", "nud", "permanent")
+        sh("ip", "-n", a, "rule", "add", "fwmark", "0x77", "lookup", "77")
+        sh("ip", "netns", "exec", b, "nft", "add table inet pb; add chain inet pb in { type "
+           "filter hook input priority 0; }; add rule inet pb in ip daddr 198.18.0.3 icmp type "
+           "echo-request drop")
+        sh("ip", "netns", "exec", a, "nft", "add table inet pb; add chain inet pb out { type "
+           "filter hook output priority 0; }; add rule inet pb out ip daddr 198.18.0.4 drop")
+
+    def close(self) -> None:
+        for ns in self.made:
+            sh("ip", "netns", "del", ns, check=False)
+        listed = sh("ip", "netns", "list")
+        assert not any(ns in listed for ns in self.made), listed
+
+
+@pytest.fixture
+def netlab() -> Iterator[Lab]:
+    built = Lab()
+    try:
+        built.build()
+        yield built
+    finally:
+        built.close()
+
+
+def ping(ns: str, addr: str, count: int = 5) -> list[float]:
+    out = sh("ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", "0.2", addr)
+    return [float(x) / 1000 for x in re.findall(r"time=([\d.]+) ms", out)]
+
+
+def rounds(p: Prober, n: int, gap: float = 0.0) -> ProbeSnapshot:
+    for _ in range(n):
+        p.run_once()
+        time.sleep(gap)
+    return p.snapshot()
+
+
+@lab
+@needs_root
+def test_rtt_close_to_ping(netlab: Lab) -> None:
+    ts = [target("198.18.0.2"), target("fd00:77::2", "tunnel")]
+    with inside(netlab.a):
+        p = Prober(lambda: ts, timeout=0.5)
+        rounds(p, 1)  # neighbours resolved, as for ping's first packet
+        snap = rounds(p, 10, gap=0.2)  # spaced like ping's: a CPU woken from idle is slower
+    for t in ts:
+        ours = snap.series[t.device, t.public_key, t.path]
+        assert (ours.sent, ours.received) == (11, 11)
+        theirs = ping(netlab.a, str(t.address), 6)[1:]
+        assert len(theirs) == 5
+        mine, ping_med = statistics.median(ours.recent), statistics.median(theirs)
+        print(f"{t.address}: prober median {mine * 1e6:.0f} us, ping {ping_med * 1e6:.0f} us")
+        assert abs(mine - ping_med) < 0.0002
+
+
+@lab
+@needs_root
+def test_delayed_path_close_to_ping_and_flagged(netlab: Lab) -> None:
+    try:
+        from tests.lab.delayline import delayed
+    except ImportError as e:
+        pytest.skip(f"no delay line (tests/lab/delayline.py): {e}")
+    ts = [target("198.18.0.2", "direct"), target("198.18.3.2", "tunnel")]  # 2 x 5 ms via r
+    with delayed(netlab.r, "pbdl", 5.0, ("r0", "r1"), ipv6=False):
+        with inside(netlab.a):
+            snap = rounds(Prober(lambda: ts, timeout=1.0), 10, gap=0.1)
+        theirs = ping(netlab.a, "198.18.3.2", 6)[1:]
+    tunnel = snap.series["wg0", "k1", "tunnel"]
+    assert (tunnel.sent, tunnel.received) == (10, 10)
+    mine, ping_med = statistics.median(tunnel.recent), statistics.median(theirs)
+    print(f"delayed: prober median {mine * 1e3:.2f} ms, ping {ping_med * 1e3:.2f} ms")
+    assert 0.010 <= mine < 0.015
+    assert abs(mine - ping_med) < 0.1 * ping_med
+    verdict = peer_latency(snap, "wg0", "k1", 1.5, 0.005)
+    assert verdict.anomaly, verdict.reason
+    assert verdict.ratio is not None
+    assert verdict.ratio > 20
+
+
+@lab
+@needs_root
+def test_silent_refused_and_unrouted_targets_leave_others_intact(netlab: Lab) -> None:
+    ts = [target("198.18.0.2", key="live"), target("198.18.0.3", key="silent"),
+          target("198.18.0.4", key="refused"), target("192.0.2.1", key="noroute"),
+          target("fd00:77::2", key="live6")]
+    with inside(netlab.a):
+        snap = rounds(Prober(lambda: ts, timeout=0.3), 3)
+    got = {k[1]: (s.sent, s.received, s.error.split(":")[0]) for k, s in snap.series.items()}
+    assert got == {"live": (3, 3, ""), "silent": (3, 0, ""), "refused": (3, 0, "eperm"),
+                   "noroute": (3, 0, "unreachable"), "live6": (3, 3, "")}
+    assert (snap.ok, snap.reason) == (False, "eperm")
+
+
+@lab
+@needs_root
+def test_so_mark_routes(netlab: Lab) -> None:
+    ts = [target("198.18.0.2", "direct"), target("198.18.0.2", "transport", mark=0x77)]
+    with inside(netlab.a):
+        snap = rounds(Prober(lambda: ts, timeout=0.3), 3)
+    assert (snap.series["wg0", "k1", "direct"].received, snap.series["wg0", "k1", "direct"].sent) \
+        == (3, 3)
+    marked = snap.series["wg0", "k1", "transport"]
+    assert (marked.sent, marked.received, marked.error) == (3, 0, "")
+    assert snap.ok
+
+
+class Counting(Prober):
+    rejected = 0
+
+    def _match(self, r: Reply, pending: dict, results: dict) -> None:  # type: ignore[type-arg]
+        before = len(pending)
+        super()._match(r, pending, results)
+        self.rejected += len(pending) == before
+
+
+@lab
+@needs_root
+def test_concurrent_probers_no_crosstalk(netlab: Lab) -> None:
+    # a silent target keeps every round open for the whole timeout: the rounds overlap
+    ts = [target(f"198.18.1.{i}", key=f"k{i}") for i in range(1, 21)]
+    ts.append(target("198.18.0.3", key="silent"))
+    with inside(netlab.a):
+        one, two = Counting(lambda: ts, timeout=0.5), Counting(lambda: ts, timeout=0.5)
+        two._ident = one._ident ^ 0x5A5A
+        threads = [threading.Thread(target=rounds, args=(p, 3)) for p in (one, two)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # worst case: same id and sequence. `four` probes the same address over the dead
+        # mark while `three` probes it directly: the only reply `four`'s socket sees is
+        # `three`'s, same source, id and sequence; only the payload token tells them apart
+        three = Counting(lambda: [target("198.18.0.2")], timeout=0.3)
+        four = Counting(lambda: [target("198.18.0.2", mark=0x77)], timeout=0.5)
+        four._ident, four._seq = three._ident, three._seq
+        for _ in range(3):
+            waiting = threading.Thread(target=four.run_once)
+            waiting.start()
+            time.sleep(0.1)
+            three.run_once()
+            waiting.join(5)
+    for p in (one, two):
+        got = {k[1]: (s.sent, s.received) for k, s in p.snapshot().series.items()}
+        assert got == {**{f"k{i}": (3, 3) for i in range(1, 21)}, "silent": (3, 0)}
+        assert p.rejected >= 20  # each saw the other's replies, and refused them
+    assert three.snapshot().series["wg0", "k1", "direct"].received == 3
+    assert four.snapshot().series["wg0", "k1", "direct"].received == 0
+    assert four.rejected == 3
+
+
+UNPRIV = """
+import ipaddress, json
+from wgnest.prober import Prober, ProbeTarget
+ts = [ProbeTarget("wg0", k, "direct", ipaddress.ip_address(a), m)
+      for k, a, m in (("a", "198.18.0.2", 0), ("b", "fd00:77::2", 0), ("c", "198.18.0.2", 0x77))]
+p = Prober(lambda: ts, timeout=0.5)
+p.run_once()
+p.run_once()
+s = p.snapshot()
+print(json.dumps({"why": p.disabled_reason, "reason": s.reason,
+                  "got": sorted([t.target.mark, t.sent, t.received] for t in s.series.values())}))
+"""
+
+
+@lab
+@needs_root
+def test_unprivileged_mode(netlab: Lab) -> None:
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to drop to an unprivileged user")
+
+    def run_as_nobody() -> dict[str, object]:
+        env = {"PYTHONPATH": str(Path(__file__).parents[1] / "exporter"), "PATH": "/usr/bin"}
+        out = subprocess.run(
+            ["ip", "netns", "exec", netlab.a, "setpriv", "--reuid=65534", "--regid=65534",
+             "--clear-groups", "--inh-caps=-all", sys.executable, "-c", UNPRIV],
+            capture_output=True, text=True, check=True, env=env, timeout=30).stdout
+        return dict(json.loads(out))
+
+    sh("ip", "netns", "exec", netlab.a, "sysctl", "-qw", "net.ipv4.ping_group_range=1 0")
+    off = run_as_nobody()
+    assert off["why"] == "no CAP_NET_RAW and net.ipv4.ping_group_range '1 0' excludes gid 65534"
+    assert (off["reason"], off["got"]) == ("disabled", [])
+    sh("ip", "netns", "exec", netlab.a, "sysctl", "-qw",
+       "net.ipv4.ping_group_range=0 2147483647")
+    on = run_as_nobody()
+    assert on["why"] == ""
+    # ping sockets work for v4 and v6; SO_MARK needs CAP_NET_ADMIN: not sent, reported
+    assert on["got"] == [[0, 2, 2], [0, 2, 2], [0x77, 0, 0]]
+    assert on["reason"] == "eperm"
+
+
+@lab
+@needs_root
+def test_start_stop_real(netlab: Lab) -> None:
+    with inside(netlab.a):
+        p = Prober(lambda: [target("198.18.0.3")], interval=0.2, timeout=1.0)  # silent
+        p.start()  # the thread inherits this thread's namespace
+    time.sleep(0.5)
+    began = time.monotonic()
+    p.stop()
+    assert time.monotonic() - began < 2.0
+    assert not any(t.name == "wgnest-prober" for t in threading.enumerate())
+    assert p.snapshot().series["wg0", "k1", "direct"].sent >= 1
+
+
+@lab
+@needs_root
+def test_cpu_time_per_probe(netlab: Lab) -> None:
+    ts = [target(f"198.18.1.{i}", key=f"k{i}") for i in range(1, 201)]
+    with inside(netlab.a):
+        p = Prober(lambda: ts, timeout=1)
+        p.run_once()
+        cpu, wall = time.process_time(), time.monotonic()
+        snap = rounds(p, 5)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert {(s.sent, s.received) for s in snap.series.values()} == {(6, 6)}
+    per_probe = cpu / (5 * len(ts))
+    print(f"200 targets: {cpu / 5 * 1000:.1f} ms CPU, {wall / 5 * 1000:.1f} ms wall per round; "
+          f"{per_probe * 1e6:.0f} us CPU per probe")
+    assert per_probe < 0.001
