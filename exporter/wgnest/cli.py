@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from wgnest import __version__
-from wgnest.analysis.paths import diagnose, parse_allow
+from wgnest.analysis.paths import PeerPath, diagnose, parse_allow
+from wgnest.model import Snapshot
+from wgnest.probe_metrics import PeerLatency, peer_latency
+from wgnest.probing import add_probe_arguments, make_prober
 from wgnest.report import UNKNOWN, render_json, render_text, verdict
 from wgnest.snapshot import Reader, take
 
@@ -47,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", help="diagnose this host once (Nagios exit codes)")
     check.add_argument("--format", choices=["text", "json"], default="text")
+    check.add_argument("--probe.count", dest="probe_count", type=int, default=3,
+                       help="echo requests per path before judging latency (default 3)")
     _common(check)
+    add_probe_arguments(check, interval=0.2)
     from wgnest.serve import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="run the Prometheus exporter"), _common)
@@ -61,11 +68,34 @@ def run_check(args: argparse.Namespace) -> int:
     finally:
         reader.close()
     paths = diagnose(snap, set(args.allow))
+    latency = measure_latency(args, snap, paths) if args.probe else None
     if args.format == "json":
-        sys.stdout.write(render_json(snap, paths))
+        sys.stdout.write(render_json(snap, paths, latency))
     else:
-        sys.stdout.write(render_text(snap, paths, args.config_dir))
-    return verdict(snap, paths).code
+        sys.stdout.write(render_text(snap, paths, args.config_dir, latency))
+    return verdict(snap, paths, latency).code
+
+
+def measure_latency(args: argparse.Namespace, snap: Snapshot, paths: list[PeerPath]
+                    ) -> dict[tuple[str, str], PeerLatency] | None:
+    """Probe every path `--probe.count` times, then judge each peer's latency."""
+    prober = make_prober(args, lambda: (snap, paths))
+    if prober.disabled_reason:
+        logging.getLogger("wgnest").warning("latency not measured: %s", prober.disabled_reason)
+        return None
+    try:
+        for i in range(max(1, args.probe_count)):
+            if i:
+                time.sleep(args.probe_interval)
+            prober.run_once()
+        probes = prober.snapshot()
+    finally:
+        prober.stop()
+    if not probes.series:
+        return None
+    return {(p.device, p.public_key): peer_latency(
+        probes, p.device, p.public_key, args.anomaly_ratio, args.anomaly_min_excess)
+        for p in paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -133,11 +133,12 @@ class SnapshotCollector(Collector):
     """All families of one diagnosed snapshot; rendered once per refresh, not per scrape."""
 
     def __init__(self, snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
-                 errors_total: Mapping[str, int]) -> None:
+                 errors_total: Mapping[str, int], collectors: Sequence[str] = COLLECTORS) -> None:
         self.snap, self.paths, self.names, self.errors_total = snap, paths, names, errors_total
+        self.collectors = collectors
 
     def collect(self) -> Iterator[Metric]:
         yield from device_families(self.snap)
         yield from peer_families(self.snap, self.names)
         yield from path_families(self.paths)
-        yield from exporter_families(self.snap, self.errors_total)
+        yield from exporter_families(self.snap, self.errors_total, self.collectors)

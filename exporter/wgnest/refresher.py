@@ -3,11 +3,12 @@ diagnosis and its rendered exposition, so a scrape only copies bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,8 +16,18 @@ from prometheus_client import CollectorRegistry, generate_latest
 from wgnest.analysis.paths import PeerPath, diagnose
 from wgnest.metrics import SnapshotCollector
 from wgnest.model import Snapshot
+from wgnest.snapshot import COLLECTORS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Status:
+    """How a collector that runs elsewhere did: reason "" means it works."""
+
+    reason: str = ""
+    message: str = ""
+    duration: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -27,9 +38,9 @@ class State:
 
 
 def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str],
-           errors_total: Mapping[str, int]) -> bytes:
+           errors_total: Mapping[str, int], collectors: Sequence[str] = COLLECTORS) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snap, paths, names, errors_total))
+    registry.register(SnapshotCollector(snap, paths, names, errors_total, collectors))
     return generate_latest(registry)
 
 
@@ -38,8 +49,11 @@ class Refresher:
 
     def __init__(self, take: Callable[[], Snapshot], interval: float,
                  allow: Collection[tuple[str, str]] = (),
-                 names: Callable[[], Mapping[str, str]] = dict) -> None:
+                 names: Callable[[], Mapping[str, str]] = dict,
+                 extra: Callable[[], Mapping[str, Status]] | None = None) -> None:
+        """`extra` reports collectors that run elsewhere (the prober): name -> status."""
         self._take, self._interval, self._allow, self._names = take, interval, allow, names
+        self._extra = extra
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -54,9 +68,19 @@ class Refresher:
 
     def refresh_once(self) -> State:
         snap = self._take()
+        collectors = list(COLLECTORS)
+        if self._extra is not None:
+            errors, durations = dict(snap.errors), dict(snap.durations)
+            for name, status in self._extra().items():
+                collectors.append(name)
+                durations[name] = status.duration
+                if status.reason:
+                    errors[name] = (status.reason, status.message)
+            snap = dataclasses.replace(snap, errors=errors, durations=durations)
         paths = diagnose(snap, self._allow)
         self._note_errors(snap)
-        state = State(snap, paths, render(snap, paths, self._names(), self._errors_total))
+        exposition = render(snap, paths, self._names(), self._errors_total, collectors)
+        state = State(snap, paths, exposition)
         with self._lock:
             self._state = state
         return state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
 from wgnest.analysis.paths import UNKNOWN as UNKNOWN_PATH
 from wgnest.model import Snapshot
+from wgnest.probe_metrics import PeerLatency
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATUS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -25,7 +26,10 @@ class Verdict:
     summary: str
 
 
-def verdict(snap: Snapshot, paths: Sequence[PeerPath]) -> Verdict:
+Latency = Mapping[tuple[str, str], PeerLatency]
+
+
+def verdict(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None) -> Verdict:
     nested = sum(p.verdict == NESTED and not p.allowed for p in paths)
     loops = sum(p.verdict == LOOP for p in paths)
     allowed = sum(p.verdict == NESTED and p.allowed for p in paths)
@@ -46,6 +50,9 @@ def verdict(snap: Snapshot, paths: Sequence[PeerPath]) -> Verdict:
         problems.append(f"{no_route} endpoints without a route")
     if unknown:
         problems.append(f"{unknown} endpoints whose route is unknown")
+    anomalies = sum(lat.anomaly for lat in (latency or {}).values())
+    if anomalies:
+        problems.append(f"{anomalies} latency anomalies")
     problems += [f"{c} failed ({r}): {m}" for c, (r, m) in snap.errors.items()]
     if problems:
         return Verdict(WARNING, "; ".join(problems) + f" ({counts})")
@@ -101,8 +108,20 @@ def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
     return lines
 
 
-def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path) -> str:
-    v = verdict(snap, paths)
+def _latency_line(lat: PeerLatency | None) -> list[str]:
+    if lat is None or not lat.median:
+        return []
+    parts = ", ".join(f"{path} {'lost' if v is None else f'{v * 1000:.1f} ms'}"
+                      for path, v in lat.median.items())
+    tail = f" (x{lat.ratio:.1f} of direct)" if lat.ratio is not None else ""
+    if lat.anomaly:
+        tail += f"  LATENCY ANOMALY: {lat.reason}"
+    return [f"    latency: {parts}{tail}"]
+
+
+def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
+                latency: Latency | None = None) -> str:
+    v = verdict(snap, paths, latency)
     out = [f"WGNEST {STATUS[v.code]} - {v.summary}"]
     for dev in snap.devices:
         mark = f"{dev.fwmark:#x}" if dev.fwmark else "off"
@@ -111,14 +130,15 @@ def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path) -> 
         for p in paths:
             if p.device == dev.name:
                 out.append(_peer_line(p))
+                out.extend(_latency_line((latency or {}).get((p.device, p.public_key))))
                 out.extend(_fix_lines(p, config_dir))
     for collector, (reason, message) in snap.errors.items():
         out.append(f"source {collector} failed ({reason}): {message}")
     return "\n".join(out) + "\n"
 
 
-def render_json(snap: Snapshot, paths: Sequence[PeerPath]) -> str:
-    v = verdict(snap, paths)
+def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None) -> str:
+    v = verdict(snap, paths, latency)
     doc: dict[str, Any] = {
         "status": STATUS[v.code].lower(),
         "exit_code": v.code,
@@ -129,14 +149,19 @@ def render_json(snap: Snapshot, paths: Sequence[PeerPath]) -> str:
             "public_key": d.public_key, "listen_port": d.listen_port, "fwmark": d.fwmark,
             "mtu": d.mtu, "peers": len(d.peers),
         } for d in snap.devices],
-        "peers": [_path_json(snap, p) for p in paths],
+        "peers": [_path_json(snap, p, (latency or {}).get((p.device, p.public_key)))
+                  for p in paths],
         "errors": {c: {"reason": r, "message": m} for c, (r, m) in snap.errors.items()},
     }
     return json.dumps(doc, indent=2) + "\n"
 
 
-def _path_json(snap: Snapshot, p: PeerPath) -> dict[str, Any]:
+def _path_json(snap: Snapshot, p: PeerPath, lat: PeerLatency | None) -> dict[str, Any]:
     doc = dataclasses.asdict(p)
+    if lat is not None:
+        doc["latency"] = {"median_seconds": dict(lat.median), "loss": dict(lat.loss),
+                          "real_path": lat.real_path, "overhead_ratio": lat.ratio,
+                          "anomaly": lat.anomaly, "reason": lat.reason}
     doc["alarming"] = p.alarming
     if p.flow is not None:
         doc["flow"] = {"dst": str(p.flow.dst), "mark": p.flow.mark, "sport": p.flow.sport,

@@ -8,12 +8,21 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
 from wgnest import status_page
+from wgnest.analysis.paths import PeerPath
+from wgnest.model import Snapshot
 from wgnest.peer_names import PeerNamesError, load_peer_names
+from wgnest.probe_metrics import peer_latency, probe_families
+from wgnest.prober import Prober, ProbeSnapshot
+from wgnest.probing import add_probe_arguments, make_prober, probe_status
 from wgnest.refresher import Refresher
 from wgnest.snapshot import Reader, take
 from wgnest.web import serve
@@ -34,6 +43,7 @@ def add_serve_arguments(p: argparse.ArgumentParser,
                    help="seconds between snapshots (default 5)")
     p.add_argument("--wireguard.peer-file", dest="peer_file", type=Path, default=None,
                    help="TOML file of peer names ([[peer]] public_key, name)")
+    add_probe_arguments(p, interval=1.0)
 
 
 def _positive(value: str) -> float:
@@ -47,18 +57,44 @@ def _positive(value: str) -> float:
 
 
 class _Pages:
-    def __init__(self, refresher: Refresher, names: dict[str, str], telemetry_path: str) -> None:
-        self.refresher, self.names, self.telemetry_path = refresher, names, telemetry_path
+    """What the HTTP surface serves; reads the latest state, never waits on a source."""
+
+    def __init__(self, args: argparse.Namespace, refresher: Refresher, names: dict[str, str],
+                 prober: Prober | None) -> None:
+        self.args, self.refresher, self.names, self.prober = args, refresher, names, prober
+
+    def _probe_snapshot(self) -> ProbeSnapshot | None:
+        return self.prober.snapshot() if self.prober is not None else None
 
     def metrics(self) -> bytes:
         state = self.refresher.state
-        return state.exposition if state is not None else b""
+        body = state.exposition if state is not None else b""
+        probes = self._probe_snapshot()
+        if probes is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_ProbeCollector(probes, self.args))
+            body += generate_latest(registry)
+        return body
 
     def status_page(self) -> str:
         state = self.refresher.state
+        probes = self._probe_snapshot()
+        latency = {} if state is None or probes is None else {
+            (p.device, p.public_key): peer_latency(
+                probes, p.device, p.public_key, self.args.anomaly_ratio,
+                self.args.anomaly_min_excess) for p in state.paths}
         if state is None:
-            return status_page.render(None, [], self.names, self.telemetry_path)
-        return status_page.render(state.snapshot, state.paths, self.names, self.telemetry_path)
+            return status_page.render(None, [], self.names, self.args.telemetry_path)
+        return status_page.render(state.snapshot, state.paths, self.names,
+                                  self.args.telemetry_path, latency)
+
+
+class _ProbeCollector(Collector):
+    def __init__(self, snap: ProbeSnapshot, args: argparse.Namespace) -> None:
+        self.snap, self.args = snap, args
+
+    def collect(self) -> Iterator[Metric]:
+        return probe_families(self.snap, self.args.anomaly_ratio, self.args.anomaly_min_excess)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -73,10 +109,22 @@ def run_serve(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         log.info("running as root; CAP_NET_ADMIN (+ root for UAPI sockets) is all it needs")
     reader = Reader(uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
+    prober: Prober | None = None
+    refresher: Refresher
+
+    def current() -> tuple[Snapshot, list[PeerPath]] | None:
+        state = refresher.state
+        return (state.snapshot, state.paths) if state is not None else None
+
+    if args.probe:
+        prober = make_prober(args, current)
+        if prober.disabled_reason:
+            log.warning("latency probes are off: %s", prober.disabled_reason)
+    extra = (lambda: {"probe": probe_status(prober.snapshot())}) if prober else None
     refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
-                          lambda: names)
+                          lambda: names, extra)
     refresher.refresh_once()
-    pages = _Pages(refresher, names, args.telemetry_path)
+    pages = _Pages(args, refresher, names, prober)
     try:
         server = serve(args.listen, pages, args.telemetry_path, web_config)
     except (ValueError, OSError, WebConfigError) as exc:
@@ -90,9 +138,13 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     refresher.start()
+    if prober is not None:
+        prober.start()
     log.warning("wgnest serving on %s (port %d)", args.listen, server.port)
     stop.wait()
     server.shutdown()
     refresher.stop()
+    if prober is not None:
+        prober.stop()
     reader.close()
     return 0

@@ -9,6 +9,7 @@ from html import escape
 from wgnest import __version__
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, PeerPath
 from wgnest.model import Snapshot
+from wgnest.probe_metrics import PeerLatency
 from wgnest.report import STATUS, verdict
 
 STYLE = """
@@ -59,8 +60,25 @@ def _path_cell(p: PeerPath) -> str:
     return " ".join(bits) + (f"<br><small>{chain}</small>" if len(p.chain) > 2 else "")
 
 
+def _ms(value: float | None) -> str:
+    return "lost" if value is None else f"{value * 1000:.1f} ms"
+
+
+def _latency_cell(lat: PeerLatency | None) -> str:
+    if lat is None or not lat.median:
+        return ""
+    parts = [f"{escape(path)} {_ms(value)}" for path, value in lat.median.items()]
+    text = "<br>".join(parts)
+    if lat.anomaly:
+        text += f'<br><span class="crit">anomaly</span> <small>{escape(lat.reason)}</small>'
+    elif lat.ratio is not None:
+        text += f"<br><small>&times;{lat.ratio:.2f} of direct</small>"
+    return text
+
+
 def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str, str],
-           telemetry_path: str = "/metrics") -> str:
+           telemetry_path: str = "/metrics",
+           latency: Mapping[tuple[str, str], PeerLatency] | None = None) -> str:
     head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
             f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
             f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
@@ -76,13 +94,14 @@ def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str,
         out.append(f"<h2>{escape(d.name)}</h2><p><small>{escape(d.implementation)} &middot; "
                    f"fwmark {mark} &middot; listen port {d.listen_port} &middot; MTU {d.mtu}"
                    "</small></p><table><tr><th>peer</th><th>endpoint</th><th>transport path"
-                   "</th><th>verdict</th><th>fix</th></tr>")
+                   "</th><th>verdict</th><th>latency</th><th>fix</th></tr>")
         for p in (p for p in paths if p.device == d.name):
             name = names.get(p.public_key, "")
             label = f"{escape(name)}<br><small>{escape(p.public_key)}</small>" if name else (
                 f"<small>{escape(p.public_key)}</small>")
             out.append(f"<tr><td>{label}</td><td>{escape(p.endpoint) or '<small>none</small>'}"
                        f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
+                       f"<td>{_latency_cell((latency or {}).get((p.device, p.public_key)))}</td>"
                        f"<td>{_fix_cell(p)}</td></tr>")
         out.append("</table>")
     if not snap.devices:

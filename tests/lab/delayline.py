@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -284,11 +284,15 @@ def delayed(
     table: int | None = None,
     pref: int | None = None,
     ready_timeout: float = 10.0,
+    selectors: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> Iterator[int]:
     """Delay every packet forwarded in `router_ns` between interface between[0] and interface
     between[1] (both directions) by delay_ms, by policy-routing them through a TUN device
     served by delayline.py.  Yields the delay process pid; always cleans up (process killed by
     pid, rules/routes removed).
+
+    ``selectors`` replaces the default ``iif IF0`` / ``iif IF1`` rule selectors, per family
+    ("-4", "-6"), e.g. to delay only what goes to or comes from one host.
 
     Sysctls set (and deliberately left set, since other users of the namespace may rely on
     them): ``net.ipv4.ip_forward=1``, ``net.ipv4.conf.{all,DEV}.rp_filter=0`` and, with
@@ -353,8 +357,9 @@ def delayed(
             route = [fam, "route", "add", "default", "dev", dev, "table", str(table)]
             _ip(router_ns, *route)
             added_routes.append(route)
-            for iif in if2:
-                rule = [fam, "rule", "add", "pref", str(pref), "iif", iif, "lookup", str(table)]
+            default = [("iif", iif) for iif in if2]
+            for selector in (selectors or {}).get(fam, default):
+                rule = [fam, "rule", "add", "pref", str(pref), *selector, "lookup", str(table)]
                 _ip(router_ns, *rule)
                 added_rules.append(rule)
         yield proc.pid

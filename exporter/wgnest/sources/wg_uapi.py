@@ -221,7 +221,7 @@ def _exchange(sock: socket.socket, path: Path, deadline: float) -> str:
     while (end := buf.find(b"\n\n", max(len(buf) - 65537, 0))) < 0:
         if len(buf) > MAX_ANSWER:
             raise SourceError(f"{path}: answer larger than {MAX_ANSWER} bytes", "parse")
-        sock.settimeout(_remaining(deadline))
+        sock.settimeout(max(deadline - time.monotonic(), 0.3))
         chunk = sock.recv(65536)
         if not chunk:
             raise SourceError(f"{path}: connection closed before the end of the answer", "parse")
