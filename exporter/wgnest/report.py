@@ -108,11 +108,26 @@ def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
     return lines
 
 
+PATH_ORDER = ("tunnel", "transport", "direct")
+
+
+def rtt_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "lost"
+    ms = seconds * 1000
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def latency_parts(lat: PeerLatency) -> list[str]:
+    """`tunnel 40.2 ms`, ... in path order."""
+    order = sorted(lat.median, key=lambda p: PATH_ORDER.index(p) if p in PATH_ORDER else 9)
+    return [f"{path} {rtt_text(lat.median[path])}" for path in order]
+
+
 def _latency_line(lat: PeerLatency | None) -> list[str]:
     if lat is None or not lat.median:
         return []
-    parts = ", ".join(f"{path} {'lost' if v is None else f'{v * 1000:.1f} ms'}"
-                      for path, v in lat.median.items())
+    parts = ", ".join(latency_parts(lat))
     tail = f" (x{lat.ratio:.1f} of direct)" if lat.ratio is not None else ""
     if lat.anomaly:
         tail += f"  LATENCY ANOMALY: {lat.reason}"

@@ -10,7 +10,7 @@ from wgnest import __version__
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, PeerPath
 from wgnest.model import Snapshot
 from wgnest.probe_metrics import PeerLatency
-from wgnest.report import STATUS, verdict
+from wgnest.report import STATUS, latency_parts, verdict
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}
@@ -21,7 +21,7 @@ code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
 .ok{color:#1a7f37} .warn{color:#9a6700} .crit{color:#cf222e;font-weight:600}
 .banner{padding:.6em 1em;border-radius:6px;margin:1em 0;font-weight:600}
 .b0{background:#dafbe1} .b1{background:#fff8c5} .b2{background:#ffebe9} .b3{background:#eee}
-.fix{margin:.3em 0 0;color:#333} small{color:#666}
+.fix{margin:.3em 0 0;color:#333} small{color:#666} .lat{white-space:nowrap}
 """
 
 
@@ -60,15 +60,10 @@ def _path_cell(p: PeerPath) -> str:
     return " ".join(bits) + (f"<br><small>{chain}</small>" if len(p.chain) > 2 else "")
 
 
-def _ms(value: float | None) -> str:
-    return "lost" if value is None else f"{value * 1000:.1f} ms"
-
-
 def _latency_cell(lat: PeerLatency | None) -> str:
     if lat is None or not lat.median:
         return ""
-    parts = [f"{escape(path)} {_ms(value)}" for path, value in lat.median.items()]
-    text = "<br>".join(parts)
+    text = "<br>".join(escape(part) for part in latency_parts(lat))
     if lat.anomaly:
         text += f'<br><span class="crit">anomaly</span> <small>{escape(lat.reason)}</small>'
     elif lat.ratio is not None:
@@ -101,7 +96,8 @@ def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str,
                 f"<small>{escape(p.public_key)}</small>")
             out.append(f"<tr><td>{label}</td><td>{escape(p.endpoint) or '<small>none</small>'}"
                        f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
-                       f"<td>{_latency_cell((latency or {}).get((p.device, p.public_key)))}</td>"
+                       f'<td class="lat">'
+                       f"{_latency_cell((latency or {}).get((p.device, p.public_key)))}</td>"
                        f"<td>{_fix_cell(p)}</td></tr>")
         out.append("</table>")
     if not snap.devices:

@@ -85,7 +85,8 @@ def query(lab: Lab, expr: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{PROM}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     status, body = http_get(lab.client.ns, url)
     doc = json.loads(body)
-    assert status == 200 and doc["status"] == "success", (expr, doc)
+    assert status == 200, (expr, doc)
+    assert doc["status"] == "success", (expr, doc)
     return list(doc["data"]["result"])
 
 
@@ -155,7 +156,8 @@ def test_nesting_pages_then_resolves_and_dashboard_queries_answer(
                 and alert["status"] == "firing")
 
     alert = hook.wait(nested, timeout=60)
-    assert alert["labels"]["device"] == w1 and alert["labels"]["outer_device"] == w0
+    assert alert["labels"]["device"] == w1
+    assert alert["labels"]["outer_device"] == w0
     assert alert["labels"]["severity"] == "page"
     assert "FwMark = 51820" in alert["annotations"]["summary"]
 

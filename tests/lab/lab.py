@@ -157,7 +157,8 @@ class Lab:
         inner, outer = f"{self.tag}{role}i", f"{self.tag}{role}o"
         run("ip", "link", "add", inner, "netns", ns, "type", "veth", "peer", outer,
             "netns", self.router)
-        host = Host(ns, inner, f"198.18.{net}.2", f"fd00:{net}::2", f"198.18.{net}.1", f"fd00:{net}::1")
+        host = Host(ns, inner, f"198.18.{net}.2", f"fd00:{net}::2", f"198.18.{net}.1",
+                    f"fd00:{net}::1")
         for n, dev, v4, v6 in ((ns, inner, host.v4, host.v6),
                                (self.router, outer, host.router_v4, host.router_v6)):
             run("ip", "addr", "add", f"{v4}/24", "dev", dev, ns=n)

@@ -6,6 +6,7 @@ import base64
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,12 +85,15 @@ def test_serve_seed_metrics_then_tunnel_down(lab: Lab) -> None:
     assert value(samples, "wireguard_device_fwmark", device=w0) == 51820
 
     status, page = http_get(lab.client.ns, URL + "/")
-    assert status == 200 and w0.encode() in page
+    assert status == 200
+    assert w0.encode() in page
     assert lab.serve_log is not None
     logged = lab.serve_log.read_text()
     for private in lab.private_keys:
         for form in (private, base64.b64decode(private).hex()):
-            assert form not in text and form not in logged and form.encode() not in page
+            assert form not in text
+            assert form not in logged
+            assert form.encode() not in page
 
 
 def test_status_page_shows_verdict_and_fix(lab: Lab) -> None:
@@ -100,5 +104,42 @@ def test_status_page_shows_verdict_and_fix(lab: Lab) -> None:
     status, page = http_get(lab.client.ns, URL + "/")
     html = page.decode()
     assert status == 200
-    assert "NESTED in" in html and "FwMark = 51820" in html and f"wg set {w1} fwmark 51820" in html
+    assert "NESTED in" in html
+    assert "FwMark = 51820" in html
+    assert f"wg set {w1} fwmark 51820" in html
     assert "CRITICAL" in html
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+def test_status_page_in_headless_chromium(lab: Lab) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is needed (make test installs Debian's chromium)")
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    w0 = lab.client_tunnel(0, s1, "0.0.0.0/0")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24")
+    assert lab.ping(lab.client.ns, s2.tunnel_v4)
+    lab.serve("--refresh.interval", "0.5", "--probe.target", f"{w1}={s2.tunnel_v4}")
+    time.sleep(2)  # a few probe rounds, so the latency column has numbers
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "status-page.png"
+    shot.unlink(missing_ok=True)
+    base = ["ip", "netns", "exec", lab.client.ns, chromium, *CHROMIUM_FLAGS,
+            f"--user-data-dir={lab.workdir / 'chromium'}"]
+    dom = subprocess.run([*base, "--dump-dom", URL + "/"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert f"NESTED in {w0}" in dom
+    assert "FwMark = 51820" in dom
+    assert f"wg set {w1} fwmark 51820" in dom
+    assert "tunnel " in dom
+    assert " ms" in dom
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1500,1000", URL + "/"],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.exists()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank image
