@@ -198,7 +198,7 @@ def _os_errors(path: Path) -> Iterator[None]:
     except TimeoutError:
         raise SourceError(f"{path}: no complete answer within the timeout", "timeout") from None
     except OSError as exc:
-        text = exc.strerror or type(exc).__name__
+        text = exc.strerror or str(exc)
         raise SourceError(f"{path}: {text}", reason_for_errno(exc.errno)) from None
 
 
@@ -221,7 +221,7 @@ def _exchange(sock: socket.socket, path: Path, deadline: float) -> str:
     while (end := buf.find(b"\n\n", max(len(buf) - 65537, 0))) < 0:
         if len(buf) > MAX_ANSWER:
             raise SourceError(f"{path}: answer larger than {MAX_ANSWER} bytes", "parse")
-        sock.settimeout(max(deadline - time.monotonic(), 0.3))
+        sock.settimeout(_remaining(deadline))
         chunk = sock.recv(65536)
         if not chunk:
             raise SourceError(f"{path}: connection closed before the end of the answer", "parse")
