@@ -159,7 +159,8 @@ def test_delay_adds_twice_the_one_way_delay_to_rtt(lab: Lab) -> None:
         during = {dst: ping(lab.a, dst) for dst in targets}
 
     for dst in targets:
-        added = during[dst].avg - before[dst].avg
+        # min, not avg: one host scheduling spike in 5 pings must not fail the test
+        added = during[dst].min - before[dst].min
         print(f"{dst}: before={before[dst]} during={during[dst]} added={added:.3f} ms")
         assert abs(added - 2 * DELAY_MS) <= TOLERANCE_MS, (
             f"RTT to {dst} grew by {added:.3f} ms, expected {2 * DELAY_MS} ± {TOLERANCE_MS}"
