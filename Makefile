@@ -25,7 +25,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-test: system-deps venv
+test: system-deps venv lint
 	$(BIN)/pytest
 
 lint: venv
