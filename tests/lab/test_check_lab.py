@@ -126,3 +126,50 @@ def test_allowed_nesting_is_reported_not_alarmed(lab: Lab) -> None:
     inner = _peer(doc, w1)
     assert inner["verdict"] == "nested"
     assert inner["allowed"] is True
+
+
+def test_main_table_route_of_another_tunnel_captures_endpoint(lab: Lab) -> None:
+    """No policy routing: wg0's AllowedIPs cover wg1's endpoint, so wg-quick's plain route
+    in main captures it. No fwmark helps; the fix is a host route via the underlay."""
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    w0 = lab.client_tunnel(0, s1, "10.201.0.0/24, 198.18.3.0/24")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24")
+    code, doc = lab.check_json()
+    assert code == 2
+    inner = _peer(doc, w1)
+    assert inner["verdict"] == "nested"
+    assert inner["outer"] == w0
+    assert inner["table"] == "main"
+    fix = inner["fix"]
+    assert fix["kind"] == "route"
+    assert fix["command"] == (
+        f"ip route add {s2.host.v4}/32 via {lab.client.router_v4} dev {lab.client.dev}")
+    run(*fix["command"].split(), ns=lab.client.ns)
+    code, doc = lab.check_json()
+    assert code == 0
+    assert _peer(doc, w1)["verdict"] == "direct"
+    assert lab.ping(lab.client.ns, s2.tunnel_v4)
+
+
+def test_split_default_routes_loop_the_tunnel_into_itself(lab: Lab) -> None:
+    """OpenVPN-style 0/1 + 128/1 in main: the tunnel's own endpoint is routed into itself."""
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    w0 = lab.client_tunnel(0, s1, "0.0.0.0/1, 128.0.0.0/1")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24")
+    code, doc = lab.check_json()
+    assert code == 2
+    assert doc["summary"].startswith("1 nested, 1 routing loops")
+    own = _peer(doc, w0)
+    assert own["verdict"] == "loop"
+    assert own["egress"] == w0
+    assert own["fix"]["kind"] == "route"
+    assert own["fix"]["command"] == (
+        f"ip route add {s1.host.v4}/32 via {lab.client.router_v4} dev {lab.client.dev}")
+    assert _peer(doc, w1)["verdict"] == "nested"
+    assert not lab.ping(lab.client.ns, s1.tunnel_v4)  # the loop really kills the tunnel
+    run(*own["fix"]["command"].split(), ns=lab.client.ns)
+    code, doc = lab.check_json()
+    assert _peer(doc, w0)["verdict"] == "direct"
+    assert _peer(doc, w1)["verdict"] == "nested"  # still inside wg0, as its AllowedIPs say
+    # wireguard-go retries a failed handshake every 5 s: give it time to come up
+    assert lab.ping(lab.client.ns, s1.tunnel_v4, count=40)
