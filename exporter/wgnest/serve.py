@@ -73,7 +73,10 @@ class _Pages:
         if probes is not None:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_ProbeCollector(probes, self.args))
-            body += generate_latest(registry)
+            try:
+                body += generate_latest(registry)
+            except Exception:  # a bug in probe metrics must not cost the other metrics
+                log.exception("rendering probe metrics failed")
         return body
 
     def status_page(self) -> str:
