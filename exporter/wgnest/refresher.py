@@ -11,10 +11,8 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
-
 from wgnest.analysis.paths import PeerPath, diagnose
-from wgnest.metrics import SnapshotCollector
+from wgnest.metrics import SnapshotCollector, exposition
 from wgnest.model import Snapshot
 from wgnest.snapshot import COLLECTORS
 
@@ -39,9 +37,7 @@ class State:
 
 def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str],
            errors_total: Mapping[str, int], collectors: Sequence[str] = COLLECTORS) -> bytes:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snap, paths, names, errors_total, collectors))
-    return generate_latest(registry)
+    return exposition(SnapshotCollector(snap, paths, names, errors_total, collectors).collect())
 
 
 class Refresher:
@@ -108,7 +104,7 @@ class Refresher:
         self._thread = threading.Thread(target=self._loop, name="wgnest-refresh", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 1.5) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
