@@ -3,6 +3,7 @@ transport flow and for each candidate fix. A failing source is recorded, never r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from wgnest.model import Device, Flow, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
-from wgnest.sources.wg_kernel import kernel_devices
+from wgnest.sources.wg_kernel import kernel_devices, open_wireguard
 from wgnest.sources.wg_uapi import uapi_devices
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Reader:
     uapi_timeout: float = 1.0
     netstate: NetState = field(default_factory=NetState)
     lookup: CachedRouteLookup = field(default_factory=CachedRouteLookup)
-    open_wg: Callable[[], Any] | None = None
+    open_wg: Callable[[], Any] = open_wireguard
 
     def close(self) -> None:
         self.netstate.close()
@@ -69,9 +70,8 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     links = run.timed("links", reader.netstate.links) or []
     rules = run.timed("rules", reader.netstate.rules) or []
     defaults = run.timed("rules", reader.netstate.defaults) or []
-    open_wg = reader.open_wg
-    kdevs, kerr = run.timed("wireguard_kernel", lambda: kernel_devices(links, open_wg)
-                            if open_wg else kernel_devices(links)) or ([], {})
+    kdevs, kerr = run.timed(
+        "wireguard_kernel", lambda: kernel_devices(links, reader.open_wg)) or ([], {})
     run.device_errors("wireguard_kernel", kerr)
     skip = {d.name for d in kdevs} | set(kerr)
     udevs, uerr = run.timed("wireguard_uapi", lambda: uapi_devices(
@@ -81,10 +81,9 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     lookups: dict[Flow, RouteAnswer] = run.timed(
         "route_lookup", lambda: reader.lookup.lookup(transport_flows(devices))) or {}
     snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(defaults), lookups)
-    if lookups:
-        lookups.update(run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap)))
-                       or {})
+    # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
+    fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}
     for collector, (reason, message) in run.errors.items():
         log.debug("source %s failed (%s): %s", collector, reason, message)
-    return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.defaults, lookups,
-                    run.errors, run.durations)
+    return dataclasses.replace(snap, lookups={**lookups, **fixes}, errors=run.errors,
+                               durations=run.durations)

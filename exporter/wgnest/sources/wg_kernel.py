@@ -84,14 +84,14 @@ def merge_dump(messages: Iterable[Any], link: Link) -> Device:
     )
 
 
-def _open_default() -> Any:
+def open_wireguard() -> Any:
     from pyroute2 import WireGuard
 
     return WireGuard()
 
 
 def kernel_devices(
-    links: Sequence[Link], open_wg: Callable[[], Any] = _open_default
+    links: Sequence[Link], open_wg: Callable[[], Any] = open_wireguard
 ) -> tuple[list[Device], dict[str, str]]:
     """Read every link of kind `wireguard`. Returns (devices, errors by device name)."""
     wg_links = [link for link in links if link.kind == "wireguard"]
