@@ -13,7 +13,7 @@ from typing import NoReturn
 from wgnest import __version__
 from wgnest.analysis.paths import PeerPath, diagnose, parse_allow
 from wgnest.model import Snapshot
-from wgnest.probe_metrics import PeerLatency, peer_latency
+from wgnest.probe_metrics import PeerLatency, peer_latencies
 from wgnest.probing import add_probe_arguments, make_prober
 from wgnest.report import UNKNOWN, render_json, render_text, verdict
 from wgnest.snapshot import Reader, take
@@ -93,9 +93,8 @@ def measure_latency(args: argparse.Namespace, snap: Snapshot, paths: list[PeerPa
         prober.stop()
     if not probes.series:
         return None
-    return {(p.device, p.public_key): peer_latency(
-        probes, p.device, p.public_key, args.anomaly_ratio, args.anomaly_min_excess)
-        for p in paths}
+    return peer_latencies(probes, [(p.device, p.public_key) for p in paths],
+                          args.anomaly_ratio, args.anomaly_min_excess)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,16 +12,26 @@ from prometheus_client.registry import Collector
 
 from wgnest import __version__
 from wgnest.analysis.paths import LOOP, NESTED, PeerPath
-from wgnest.model import Peer, Snapshot
+from wgnest.model import IPNetwork, Peer, Snapshot
 from wgnest.snapshot import COLLECTORS
 from wgnest.sources.errors import REASONS
 
 DP = ["device", "public_key"]
 
 
+_LABELS_MAX = 1 << 16
+_allowed_labels: dict[tuple[IPNetwork, ...], str] = {}  # remembered: str() of an IPv6 is slow
+
+
 def allowed_ips_label(peer: Peer) -> str:
-    nets = sorted(peer.allowed_ips, key=lambda n: n.version)  # stable: IPv4 before IPv6
-    return ",".join(str(n) for n in nets)
+    label = _allowed_labels.get(peer.allowed_ips)
+    if label is None:
+        nets = sorted(peer.allowed_ips, key=lambda n: n.version)  # stable: IPv4 before IPv6
+        label = ",".join(str(n) for n in nets)
+        if len(_allowed_labels) >= _LABELS_MAX:
+            _allowed_labels.clear()
+        _allowed_labels[peer.allowed_ips] = label
+    return label
 
 
 def device_families(snap: Snapshot) -> Iterator[Metric]:
@@ -142,3 +152,4 @@ class SnapshotCollector(Collector):
         yield from peer_families(self.snap, self.names)
         yield from path_families(self.paths)
         yield from exporter_families(self.snap, self.errors_total, self.collectors)
+

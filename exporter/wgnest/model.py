@@ -159,5 +159,8 @@ class Snapshot:
     durations: dict[str, float] = field(default_factory=dict)
 
 
+TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
+
+
 def table_name(table: int) -> str:
-    return {253: "default", 254: "main", 255: "local"}.get(table, str(table))
+    return TABLE_NAMES.get(table, str(table))

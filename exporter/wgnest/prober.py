@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
            1.0, 2.5)
 PATHS = ("tunnel", "transport", "direct")
-SO_MARK, SO_TIMESTAMPNS = 36, 35
+SO_MARK, SO_TIMESTAMPNS, SO_RCVBUFFORCE = 36, 35, 33
+RCVBUF = 2 << 20  # bytes asked (the kernel doubles it): a round's replies queue while it sends
+DRAIN_EVERY = 64  # sends between reads of the replies that arrived meanwhile
 PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 _TOKEN = 16  # random bytes leading each payload; the payload is 56 bytes like ping's
 SeriesKey = tuple[str, str, str]  # (device, public_key, path)
@@ -167,6 +169,12 @@ class IcmpChannel:
         except OSError:
             self.close()
             raise
+        # The default buffer holds ~200 replies: more targets than that lost most replies.
+        # SO_RCVBUFFORCE (CAP_NET_ADMIN) may pass net.core.rmem_max; SO_RCVBUF stops there.
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, option, RCVBUF)
+                break
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -342,7 +350,11 @@ class Prober:
         errors: dict[str, list[str]] = {}
         pending: dict[int, _Pending] = {}  # by sequence (unique per round)
         used: set[tuple[int, int]] = set()
-        for flow in sorted(flows, key=lambda f: (f[0].version, int(f[0]), f[1])):
+        ordered = sorted(flows, key=lambda f: (f[0].version, int(f[0]), f[1]))
+        for count, flow in enumerate(ordered, 1):
+            if count % DRAIN_EVERY == 0:  # read what came back so far: the buffer never fills
+                for k in used:
+                    self._receive(self._channels[k], pending, results, errors)
             key, what = (flow[0].version, flow[1]), "socket for"
             try:
                 ch = self._channels.get(key) or self._open_channel(*key)
@@ -363,13 +375,17 @@ class Prober:
         while pending and not (stop and stop.is_set()) and (left := deadline - self._clock()) > 0:
             chans = [self._channels[k] for k in used]
             for ch in select.select(chans, [], [], min(left, 0.1))[0]:
-                replies, err = ch.receive()
-                for r in replies:
-                    self._match(r, pending, results)
-                if err is not None:
-                    errors.setdefault(_reason(err), []).append(f"receive: {err.strerror}")
+                self._receive(ch, pending, results, errors)
         results.update({p.flow: (None, p.note) for p in pending.values()})
         return results, errors
+
+    def _receive(self, ch: Channel, pending: dict[int, _Pending], results: dict[Flow, Result],
+                 errors: dict[str, list[str]]) -> None:
+        replies, err = ch.receive()
+        for r in replies:
+            self._match(r, pending, results)
+        if err is not None:
+            errors.setdefault(_reason(err), []).append(f"receive: {err.strerror}")
 
     def _match(self, r: Reply, pending: dict[int, _Pending], results: dict[Flow, Result]) -> None:
         now, p = self._clock(), pending.get(r.sequence)

@@ -3,16 +3,19 @@ diagnosis and its rendered exposition, so a scrape only copies bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from wgnest.analysis.paths import PeerPath, diagnose
-from wgnest.metrics import SnapshotCollector, exposition
+from wgnest.exposition import exposition
+from wgnest.metrics import SnapshotCollector
 from wgnest.model import Snapshot
 from wgnest.snapshot import COLLECTORS
 
@@ -26,6 +29,22 @@ class Status:
     reason: str = ""
     message: str = ""
     duration: float = 0.0
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic GC off (process-wide) during a refresh: it allocates about a dozen objects
+    per peer, keeps most and makes no cycles, yet every 700 allocations started a collection,
+    some over the whole heap (10k peers: 26 full collections in 12 refreshes instead of 1,
+    ~8 % of their CPU). Reference counting frees as usual meanwhile; the first collection
+    after the refresh covers what it allocated."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,13 @@ class Refresher:
             return self._state
 
     def refresh_once(self) -> State:
+        with _gc_paused():
+            state = self._build()
+        with self._lock:
+            self._state = state
+        return state
+
+    def _build(self) -> State:
         snap = self._take()
         collectors = list(COLLECTORS)
         if self._extra is not None:
@@ -76,10 +102,7 @@ class Refresher:
         paths = diagnose(snap, self._allow)
         self._note_errors(snap)
         exposition = render(snap, paths, self._names(), self._errors_total, collectors)
-        state = State(snap, paths, exposition)
-        with self._lock:
-            self._state = state
-        return state
+        return State(snap, paths, exposition)
 
     def _note_errors(self, snap: Snapshot) -> None:
         for collector, (reason, message) in snap.errors.items():

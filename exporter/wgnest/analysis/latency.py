@@ -12,16 +12,20 @@ from collections.abc import Sequence
 
 
 def _finite(values: Sequence[float]) -> list[float]:
-    return sorted(v for v in values if math.isfinite(v))
+    return sorted(filter(math.isfinite, values))
 
 
-def median(values: Sequence[float]) -> float | None:
-    """Median of the finite values; None when there are none."""
-    xs = _finite(values)
+def _middle(xs: list[float]) -> float | None:
+    """Median of sorted finite values; None when there are none."""
     if not xs:
         return None
     mid = len(xs) // 2
     return xs[mid] if len(xs) % 2 else xs[mid - 1] / 2 + xs[mid] / 2  # no overflow
+
+
+def median(values: Sequence[float]) -> float | None:
+    """Median of the finite values; None when there are none."""
+    return _middle(_finite(values))
 
 
 def overhead_ratio(real: Sequence[float], direct: Sequence[float]) -> float | None:
@@ -45,12 +49,15 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
     direct, or its recent median jumped `jump_ratio` times (and `min_excess`) above its own
     longer `baseline`. Each series needs `min_samples` samples to count.
     """
-    n, real_med = len(_finite(real)), median(real)
+    # each series sorted once (the baseline holds hundreds of RTTs, per peer, per scrape)
+    real_xs = _finite(real)
+    n, real_med = len(real_xs), _middle(real_xs)
     if real_med is None or n < min_samples:
         return False, f"not enough samples on the real path ({n} < {min_samples})"
     notes: list[str] = []
-    direct_med = median(direct)
-    if direct_med is not None and len(_finite(direct)) >= min_samples:
+    direct_xs = _finite(direct)
+    direct_med = _middle(direct_xs)
+    if direct_med is not None and len(direct_xs) >= min_samples:
         excess = real_med - direct_med
         if direct_med > 0 and real_med / direct_med >= ratio and excess >= min_excess:
             return True, (f"real path {_ms(real_med)} is {real_med / direct_med:.1f}x direct "
@@ -59,8 +66,9 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
         notes.append(f"real {_ms(real_med)} vs direct {_ms(direct_med)} ({rel})")
     else:
         notes.append(f"real {_ms(real_med)}, direct path has too few samples")
-    base_med = median(baseline)
-    if base_med is not None and len(_finite(baseline)) >= min_samples:
+    base_xs = _finite(baseline)
+    base_med = _middle(base_xs)
+    if base_med is not None and len(base_xs) >= min_samples:
         excess = real_med - base_med
         if base_med > 0 and real_med >= jump_ratio * base_med and excess >= min_excess:
             return True, (f"real path {_ms(real_med)} jumped {real_med / base_med:.1f}x above "

@@ -143,6 +143,8 @@ def fix_flows(snap: Snapshot) -> list[Flow]:
     """Flows to look up so the fix can be verified by the kernel (the caller asks them)."""
     view = _View(snap)
     out: list[Flow] = []
+    if not any(a.ok and view.is_tunnel(a.oif) for a in snap.lookups.values()):
+        return out  # no transport is routed into a tunnel: no fix to verify (the usual case)
     for device in snap.devices:
         if self_policy_routed(view, device):
             continue
@@ -249,29 +251,32 @@ def _mtu(view: _View, device: Device, peer: Peer, hops: list[_Hop]) -> MtuCost |
 
 def peer_path(view: _View, device: Device, peer: Peer, allow: Collection[tuple[str, str]]
               ) -> PeerPath:
+    # One PeerPath built once per peer (no dataclasses.replace): this runs for every peer.
     flow = transport_flow(device, peer)
-    base = PeerPath(device.name, peer.public_key, str(peer.endpoint or ""), NO_ENDPOINT, flow)
+    endpoint = str(peer.endpoint or "")
     ans = view.answer(flow)
     if flow is None:
-        return base
+        return PeerPath(device.name, peer.public_key, endpoint, NO_ENDPOINT, flow)
     if ans is None:
-        return dataclasses.replace(base, verdict=UNKNOWN, error="route lookup unavailable")
-    base = dataclasses.replace(
-        base, egress=view.name(ans.oif), egress_kind=view.kind(ans.oif),
-        table=table_name(ans.table) if ans.table else "", gateway=ans.gateway,
-        source=ans.prefsrc)
+        return PeerPath(device.name, peer.public_key, endpoint, UNKNOWN, flow,
+                        error="route lookup unavailable")
+    egress, kind = view.name(ans.oif), view.kind(ans.oif)
+    table = table_name(ans.table) if ans.table else ""
     if not ans.ok:
-        return dataclasses.replace(base, verdict=NO_ROUTE, error=ans.error or "unroutable")
+        return PeerPath(device.name, peer.public_key, endpoint, NO_ROUTE, flow, egress, kind,
+                        table, ans.gateway, ans.prefsrc, error=ans.error or "unroutable")
     if not view.is_tunnel(ans.oif):
-        return dataclasses.replace(base, verdict=DIRECT, chain=(device.name, view.name(ans.oif)))
+        return PeerPath(device.name, peer.public_key, endpoint, DIRECT, flow, egress, kind,
+                        table, ans.gateway, ans.prefsrc, chain=(device.name, egress))
     hops, outer_peer = _chain(view, device, peer, ans.oif)
     chain = (device.name, *(h.link for h in hops))
     loop = ans.oif == device.ifindex or device.name in chain[1:]
-    return dataclasses.replace(
-        base, verdict=LOOP if loop else NESTED, outer=view.name(ans.oif), outer_peer=outer_peer,
-        chain=chain, allowed=not loop and (device.name, view.name(ans.oif)) in allow,
-        fix=_fix(view, device, peer, flow, ans), mtu=None if loop else _mtu(view, device, peer,
-                                                                             hops))
+    return PeerPath(
+        device.name, peer.public_key, endpoint, LOOP if loop else NESTED, flow, egress, kind,
+        table, ans.gateway, ans.prefsrc, outer=egress, outer_peer=outer_peer, chain=chain,
+        allowed=not loop and (device.name, egress) in allow,
+        fix=_fix(view, device, peer, flow, ans),
+        mtu=None if loop else _mtu(view, device, peer, hops))
 
 
 def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = ()) -> list[PeerPath]:

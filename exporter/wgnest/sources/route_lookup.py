@@ -29,6 +29,7 @@ NLMSGHDR = struct.Struct("=IHHII")
 RTMSG = struct.Struct("=BBBBBBBBI")
 RTATTR = struct.Struct("=HH")
 BATCH = 256
+_ADDR_TEXT: dict[bytes, str] = {}  # packed gateway / source address -> its text
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -65,7 +66,14 @@ def decode_route(payload: bytes) -> RouteAnswer:
 
     def addr(kind: int) -> str:
         raw = attrs.get(kind)
-        return str(ipaddress.ip_address(raw)) if raw and len(raw) in (4, 16) else ""
+        if not raw or len(raw) not in (4, 16):
+            return ""
+        text = _ADDR_TEXT.get(raw)
+        if text is None:  # few distinct gateways and sources: one shared str each
+            if len(_ADDR_TEXT) >= 4096:
+                _ADDR_TEXT.clear()
+            text = _ADDR_TEXT[raw] = str(ipaddress.ip_address(raw))
+        return text
 
     def u32(kind: int, default: int = 0) -> int:
         raw = attrs.get(kind)
@@ -195,17 +203,18 @@ class CachedRouteLookup:
                 changed = True
 
     def lookup(self, flows: Iterable[Flow]) -> dict[Flow, RouteAnswer]:
-        wanted = list(dict.fromkeys(flows))
+        wanted = dict.fromkeys(flows)
         now = self._clock()
         if self._changed() or now - self._filled_at > self._ttl:
             if self._cache:
                 self.invalidations += 1
             self._cache.clear()
             self._filled_at = now
-        missing = [f for f in wanted if f not in self._cache]
+        cache = self._cache
+        missing = [f for f in wanted if f not in cache]
         if missing:
-            self._cache.update(self._lookup.lookup(missing))
-        return {f: self._cache[f] for f in wanted if f in self._cache}
+            cache.update(self._lookup.lookup(missing))
+        return {f: answer for f in wanted if (answer := cache.get(f)) is not None}
 
     def close(self) -> None:
         self._lookup.close()

@@ -17,9 +17,10 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from wgnest.model import Device, Endpoint, IPNetwork, Link, Peer
 from wgnest.sources.errors import SourceError, reason_for_errno
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 SOCK_DIR = Path("/var/run/wireguard")
 MAX_ANSWER = 64 << 20  # bytes; a larger answer is refused as "parse"
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
-_UINT = re.compile(r"[0-9]{1,20}")
 _ENDPOINT = re.compile(r"\[([0-9a-fA-F:.]+)(?:%([^\]]+))?\]:([0-9]{1,5})|([0-9.]+):([0-9]{1,5})")
 _PEER_UINTS = {  # key -> (_PeerAcc field, maximum)
     "last_handshake_time_sec": ("hs_sec", 2**63 - 1),
@@ -41,6 +41,13 @@ _PEER_UINTS = {  # key -> (_PeerAcc field, maximum)
 }
 _PEER_KEYS = {*_PEER_UINTS, "preshared_key", "endpoint", "allowed_ip"}
 _P = 2**255 - 19
+T = TypeVar("T")
+# Every refresh reads the same public keys, endpoints and allowed IPs again: their parsed
+# forms are remembered by text (results only; a bad value raises again every time).
+_MEMO_MAX = 1 << 17  # entries per memo; a larger working set only clears it now and then
+_KEYS: dict[str, str] = {}  # hex public key -> base64
+_ENDPOINTS: dict[str, Endpoint] = {}  # only those without a zone: an index can change
+_NETWORKS: dict[str, IPNetwork] = {}
 
 
 def x25519(scalar: bytes, u: int = 9) -> bytes:
@@ -84,10 +91,24 @@ class _PeerAcc:
                     self.rx, self.tx, self.keepalive)
 
 
+def _memo(memo: dict[str, T], value: str, convert: Callable[[str], T]) -> T:
+    got = memo.get(value)
+    if got is None:
+        got = convert(value)
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()
+        memo[value] = got
+    return got
+
+
 def _uint(value: str, maximum: int) -> int:
-    if not _UINT.fullmatch(value) or int(value) > maximum:
+    # [0-9]{1,20} without a regex; isascii() as isdigit() alone accepts other digits ("١٢")
+    if not (len(value) <= 20 and value.isascii() and value.isdigit()):
         raise ValueError
-    return int(value)
+    number = int(value)
+    if number > maximum:
+        raise ValueError
+    return number
 
 
 def _key(value: str) -> bytes:
@@ -98,6 +119,10 @@ def _key(value: str) -> bytes:
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
+
+
+def _public_key(value: str) -> str:
+    return _b64(_key(value))
 
 
 def _scope(zone: str | None) -> int:
@@ -124,7 +149,8 @@ def _network(value: str) -> IPNetwork:
     addr, sep, plen = value.partition("/")
     if not sep or "%" in addr:
         raise ValueError
-    return ipaddress.ip_network(f"{addr}/{_uint(plen, 128)}", strict=False)
+    network = ipaddress.IPv6Network if ":" in addr else ipaddress.IPv4Network  # as ip_network
+    return network(f"{addr}/{_uint(plen, 128)}", strict=False)
 
 
 def _check_errno(last: str, name: str) -> None:
@@ -150,14 +176,15 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[_PeerAcc
     elif key in ("listen_port", "fwmark"):
         dev[key] = _uint(value, 65535 if key == "listen_port" else 2**32 - 1)
     elif key == "public_key":
-        peers.append(_PeerAcc(_b64(_key(value))))
+        peers.append(_PeerAcc(_memo(_KEYS, value, _public_key)))
     elif key in _PEER_UINTS:
         attr, maximum = _PEER_UINTS[key]
         setattr(peers[-1], attr, _uint(value, maximum))
     elif key == "endpoint":
-        peers[-1].endpoint = _endpoint(value)
+        peers[-1].endpoint = (_endpoint(value) if "%" in value
+                              else _memo(_ENDPOINTS, value, _endpoint))
     elif key == "allowed_ip":
-        peers[-1].allowed.append(_network(value))
+        peers[-1].allowed.append(_memo(_NETWORKS, value, _network))
     elif key == "errno":
         raise _Bad("errno before the end of the answer")
 
@@ -173,7 +200,11 @@ def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int) -> Device:
         try:
             if not sep:
                 raise _Bad("not key=value")
-            _apply(key, value, dev, peers)
+            uint = _PEER_UINTS.get(key)
+            if uint is not None and peers:  # most lines of a large answer: no call to _apply
+                setattr(peers[-1], uint[0], _uint(value, uint[1]))
+            else:
+                _apply(key, value, dev, peers)
         except _Bad as exc:
             raise SourceError(f"UAPI answer of {name}: line {num}: {exc}", "parse") from None
         except ValueError:

@@ -1,0 +1,466 @@
+"""Scale benchmark of `wgnest serve` against one wireguard-go device with N peers.
+
+    python bench/scale_bench.py [--peers 100,1000,10000] [--runs 5] [--profile]
+
+Builds its own network namespace (a veth pair so the endpoints have a route, one wireguard-go
+device configured over its UAPI socket), then measures each N in a fresh subprocess that runs
+inside the namespace (`ip netns exec`), so RSS figures are per N and not cumulative:
+
+* `wg show all dump` alone (the floor of exporters that parse it) and `wg show DEV dump`;
+* wgnest's refresh (`take()` + `diagnose()`), cold (new Reader: empty route cache, sockets to
+  open) and warm (route cache hit);
+* render of the exposition (`refresher.render`) and an HTTP GET of /metrics against a real
+  `wgnest.web.serve` on 127.0.0.1 serving the pre-rendered bytes (what a scrape costs);
+* VmRSS / VmHWM of a separate serve-like process (its imports, a Refresher, the HTTP server)
+  after a few refreshes and scrapes, and the number of series.
+
+Everything it makes (namespace, wireguard-go by pid, UAPI socket) is removed in `finally`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import http.client
+import io
+import ipaddress
+import json
+import os
+import pstats
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# WGNEST_BENCH_EXPORTER: measure another copy of the package (e.g. an older commit's)
+EXPORTER = os.environ.get("WGNEST_BENCH_EXPORTER", str(REPO / "exporter"))
+sys.path[:0] = [EXPORTER, str(REPO)]
+
+from tests.lab.lab import UAPI_DIR, daemon_pids, run  # noqa: E402
+
+GOALS = {"refresh_vs_dump": 1.5, "scrape_ms": 100.0, "rss_mib": 60.0}
+UAPI_BATCH = 2000  # peers per `set=1` operation
+EP_NET = ipaddress.IPv4Network("198.18.0.0/15")  # connected route on the veth
+LISTEN_PORT = 51820
+
+
+# ---- lab -------------------------------------------------------------------------------
+
+@dataclass
+class ScaleLab:
+    tag: str = field(default_factory=lambda: "wgnb" + secrets.token_hex(3))
+    ns: str = ""
+    dev: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    pids: set[int] = field(default_factory=set)
+
+    def build(self) -> ScaleLab:
+        self.ns = self.tag
+        run("ip", "netns", "add", self.ns)
+        run("ip", "link", "set", "lo", "up", ns=self.ns)
+        a, b = f"{self.tag}a", f"{self.tag}b"
+        run("ip", "link", "add", a, "netns", self.ns, "type", "veth", "peer", b, "netns", self.ns)
+        run("ip", "addr", "add", "198.18.0.1/15", "dev", a, ns=self.ns)
+        run("ip", "link", "set", a, "up", ns=self.ns)
+        run("ip", "link", "set", b, "up", ns=self.ns)
+        self.dev = self.tag  # 10 characters, well under IFNAMSIZ
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "wireguard-go", "-f", self.dev],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
+        self.pids.add(self.proc.pid)
+        deadline = time.monotonic() + 10
+        while not self.sock.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"wireguard-go {self.dev} did not start")
+            time.sleep(0.02)
+        self.pids.update(daemon_pids(self.dev))
+        private = bytearray(secrets.token_bytes(32))
+        private[0] &= 248
+        private[31] = (private[31] & 127) | 64
+        self._uapi_set(f"private_key={private.hex()}\nlisten_port={LISTEN_PORT}\n")
+        run("ip", "link", "set", self.dev, "up", ns=self.ns)
+        return self
+
+    @property
+    def sock(self) -> Path:
+        return UAPI_DIR / f"{self.dev}.sock"
+
+    def _uapi_set(self, body: str) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(str(self.sock))
+            s.sendall(f"set=1\n{body}\n".encode())
+            answer = b""
+            while not answer.endswith(b"\n\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        if answer.strip() != b"errno=0":
+            raise RuntimeError(f"UAPI set failed: {answer[:200]!r}")
+
+    def set_peers(self, n: int) -> float:
+        """Replace every peer by `n` peers with distinct endpoints; returns seconds taken."""
+        started = time.monotonic()
+        self._uapi_set("replace_peers=true\n")
+        hosts = EP_NET.num_addresses - 2
+        for start in range(0, n, UAPI_BATCH):
+            lines = []
+            for i in range(start, min(n, start + UAPI_BATCH)):
+                ep = EP_NET.network_address + 2 + (i % hosts)
+                lines.append(
+                    f"public_key={secrets.token_bytes(32).hex()}\n"
+                    f"endpoint={ep}:{LISTEN_PORT + i % 1000}\n"
+                    f"allowed_ip=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32\n"
+                    f"allowed_ip=fd00::{i >> 16 & 0xFFFF:x}:{i & 0xFFFF:x}/128\n")
+            self._uapi_set("".join(lines))
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        if self.dev:
+            self.pids.update(daemon_pids(self.dev))
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if self.ns:
+            run("ip", "netns", "del", self.ns, check=False)
+        if self.dev:
+            for suffix in (".sock", ".name"):
+                with contextlib.suppress(FileNotFoundError):
+                    (UAPI_DIR / f"{self.dev}{suffix}").unlink()
+
+
+def leftovers(lab: ScaleLab) -> list[str]:
+    """What of this lab is still there (should be nothing)."""
+    found = []
+    names = run("ip", "netns", "list", check=False).stdout.split()
+    if lab.ns and lab.ns in names:
+        found.append(f"netns {lab.ns}")
+    for pid in lab.pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "wireguard-go":
+                found.append(f"wireguard-go pid {pid}")
+    if lab.dev and daemon_pids(lab.dev):
+        found.append(f"wireguard-go for {lab.dev}")
+    if lab.dev and lab.sock.exists():
+        found.append(str(lab.sock))
+    return found
+
+
+# ---- measurement (runs inside the namespace, one process per N) --------------------------
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def vm_status() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024  # kB -> MiB
+    return out
+
+
+class _Pages:
+    """What `wgnest serve` serves without a prober: the refresher's pre-rendered bytes."""
+
+    def __init__(self, state: Callable[[], Any]) -> None:
+        self._state = state
+
+    def metrics(self) -> bytes:
+        current = self._state()
+        return current.exposition if current is not None else b""
+
+    def status_page(self) -> str:
+        return ""
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    import wgnest
+    from wgnest import refresher as refresher_module
+    from wgnest.analysis.paths import PeerPath, diagnose
+    from wgnest.metrics import SnapshotCollector
+    from wgnest.model import Snapshot
+    from wgnest.refresher import Refresher, render
+    from wgnest.snapshot import Reader, take
+    from wgnest.sources.netstate import _open_default
+    from wgnest.web import serve
+
+    _open_default().close()  # pyroute2's lazy import is a one-time cost, not a refresh's
+    out: dict[str, Any] = {"rss_start": vm_status()["VmRSS"],
+                           "package": str(Path(wgnest.__file__).parent)}
+    dumps = [timed(lambda: run("wg", "show", "all", "dump"))[0] for _ in range(runs)]
+    out["dump_all"] = statistics.median(dumps)
+    text = run("wg", "show", "all", "dump").stdout
+    out["dump_devices"] = sorted({line.split("\t")[0] for line in text.splitlines()})
+    out["dump_dev"] = statistics.median(
+        timed(lambda: run("wg", "show", dev, "dump"))[0] for _ in range(runs))
+
+    def refresh(reader: Reader) -> tuple[Snapshot, list[PeerPath]]:
+        snap = take(reader)
+        return snap, diagnose(snap)
+
+    cold, cold_lookup = [], []
+    for _ in range(runs):
+        fresh = Reader()
+        try:
+            seconds, (snap, _paths) = timed(lambda: refresh(fresh))  # noqa: B023
+            cold.append(seconds)
+            cold_lookup.append(snap.durations.get("route_lookup", 0.0))
+        finally:
+            fresh.close()
+    out["cold"], out["cold_lookup"] = statistics.median(cold), statistics.median(cold_lookup)
+
+    reader = Reader()
+    try:
+        snap = take(reader)
+        if snap.errors:
+            raise RuntimeError(f"take() failed: {snap.errors}")
+        peers = sum(len(d.peers) for d in snap.devices if d.name == dev)
+        invalidations = reader.lookup.invalidations
+        warm, parts = [], []
+        for _ in range(runs):
+            seconds, (snap, paths) = timed(lambda: refresh(reader))
+            warm.append(seconds)
+            parts.append(snap.durations)
+        out["warm"], out["warm_min"] = statistics.median(warm), min(warm)
+        out["warm_parts"] = {k: statistics.median(p.get(k, 0.0) for p in parts)
+                             for k in parts[0]}
+        # as `wgnest serve` runs it: Refresher.refresh_once pauses the cyclic GC (if it can)
+        paused = getattr(refresher_module, "_gc_paused", contextlib.nullcontext)
+        warm_serve = []
+        for _ in range(runs):
+            with paused():
+                warm_serve.append(timed(lambda: refresh(reader))[0])
+            gc.collect()  # what the pause put off, outside the measurement (as in serve)
+        out["warm_serve"] = statistics.median(warm_serve)
+        out["diagnose"] = statistics.median(timed(lambda: diagnose(snap))[0]
+                                            for _ in range(runs))
+        out["cache_hit"] = reader.lookup.invalidations == invalidations
+        out["peers"] = peers
+        out["verdicts"] = dict(Counter(p.verdict for p in paths))
+        out["render"] = statistics.median(
+            timed(lambda: render(snap, paths, {}, Counter()))[0] for _ in range(runs))
+        body = render(snap, paths, {}, Counter())
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(snap, paths, {}, Counter()))
+        if generate_latest(registry) != body:
+            raise RuntimeError("render() differs from prometheus_client's generate_latest()")
+        out["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        out["bytes"] = len(body)
+
+        refresher = Refresher(lambda: take(reader), 3600.0)
+        out["refresh_once"] = statistics.median(
+            timed(refresher.refresh_once)[0] for _ in range(runs))
+        server = serve("127.0.0.1:0", _Pages(lambda: refresher.state))
+        try:
+            status, got = http_get(server.port, "/metrics")
+            if status != 200 or refresher.state is None or got != refresher.state.exposition:
+                raise RuntimeError(f"GET /metrics: {status}, {len(got)} bytes")
+            gets = [timed(lambda: http_get(server.port, "/metrics"))[0] for _ in range(runs * 4)]
+            out["scrape"] = statistics.median(gets)
+            out["scrape_max"] = max(gets)
+        finally:
+            server.shutdown()
+        out.update(vm_status())
+        if profile:
+            out["profile"] = profile_text(lambda: render(*refresh(reader), {}, Counter()))
+    finally:
+        reader.close()
+    return out
+
+
+def measure_rss(dev: str, refreshes: int = 6) -> dict[str, Any]:
+    """Memory as `wgnest serve` (no prober) holds it, in a process that does nothing else:
+    its imports, a Reader and a Refresher, refreshes, a listening server and a few scrapes."""
+    import wgnest.serve  # noqa: F401  (everything serve imports)
+    from wgnest.refresher import Refresher
+    from wgnest.snapshot import Reader, take
+    from wgnest.web import serve
+
+    out: dict[str, Any] = {"rss_imports": vm_status()["VmRSS"]}
+    reader = Reader()
+    refresher = Refresher(lambda: take(reader), 3600.0)
+    try:
+        state = refresher.refresh_once()
+        if state.snapshot.errors or not any(d.name == dev for d in state.snapshot.devices):
+            raise RuntimeError(f"refresh failed: {state.snapshot.errors}")
+        out["rss_first"] = vm_status()["VmRSS"]
+        server = serve("127.0.0.1:0", _Pages(lambda: refresher.state))
+        try:
+            for _ in range(refreshes - 1):
+                refresher.refresh_once()
+                http_get(server.port, "/metrics")
+        finally:
+            server.shutdown()
+        vm = vm_status()
+        out["rss"], out["hwm"] = vm["VmRSS"], vm["VmHWM"]
+    finally:
+        reader.close()
+    return out
+
+
+def profile_text(fn: Callable[[], Any], top: int = 25) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+# ---- driver --------------------------------------------------------------------------------
+
+def child(lab: ScaleLab, runs: int, profile: bool, env: list[str]) -> dict[str, Any]:
+    argv = ["env", *env, sys.executable, str(Path(__file__).resolve()), "--child", lab.dev,
+            "--runs", str(runs)] + (["--profile"] if profile else [])
+    res = run(*argv, ns=lab.ns, timeout=900)
+    row = dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    argv = ["env", *env, sys.executable, str(Path(__file__).resolve()), "--child-rss", lab.dev]
+    res = run(*argv, ns=lab.ns, timeout=900)
+    row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def table(rows: list[dict[str, Any]]) -> Iterator[str]:
+    cols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("peers", lambda r: str(r["peers"])),
+        ("series", lambda r: str(r["series"])),
+        ("dump_all ms", lambda r: ms(r["dump_all"])),
+        ("dump_dev ms", lambda r: ms(r["dump_dev"])),
+        ("cold ms", lambda r: ms(r["cold"])),
+        ("warm ms", lambda r: ms(r["warm"])),
+        ("warm* ms", lambda r: ms(r["warm_serve"])),
+        ("warm/dump", lambda r: f"{r['warm'] / r['dump_all']:.2f}"),
+        ("cold/dump", lambda r: f"{r['cold'] / r['dump_all']:.2f}"),
+        ("render ms", lambda r: ms(r["render"])),
+        ("GET ms", lambda r: ms(r["scrape"])),
+        ("RSS MiB", lambda r: f"{r['rss']:.1f}"),
+        ("HWM MiB", lambda r: f"{r['hwm']:.1f}"),
+    ]
+    cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for line in cells:
+        yield "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True))
+
+
+def report(rows: list[dict[str, Any]], runs: int) -> None:
+    print(f"\nwgnest from {rows[0]['package']}; median of {runs} runs each (GET: {runs * 4}); "
+          "refresh = take() + diagnose()")
+    for line in table(rows):
+        print(line)
+    print("warm* = warm with the cyclic GC paused as Refresher.refresh_once does (serve); "
+          "RSS/HWM: a separate serve-like process after 6 refreshes and 5 scrapes")
+    print("\nbreakdown of the warm refresh (ms): collector durations from Snapshot.durations")
+    for r in rows:
+        parts = ", ".join(f"{k} {ms(v)}" for k, v in r["warm_parts"].items())
+        print(f"  {r['peers']:>6}: {parts}, diagnose {ms(r['diagnose'])}; warm min "
+              f"{ms(r['warm_min'])} (dev dump ratio {r['warm'] / r['dump_dev']:.2f}); "
+              f"cold route_lookup {ms(r['cold_lookup'])}; refresh_once (take+diagnose+render) "
+              f"{ms(r['refresh_once'])}; exposition {r['bytes'] / 1e6:.2f} MB; "
+              f"GET max {ms(r['scrape_max'])}; serve-like process: RSS after imports "
+              f"{r['rss_imports']:.1f} MiB, after the first refresh {r['rss_first']:.1f} MiB "
+              f"(the measuring process: RSS {r['VmRSS']:.1f}, HWM {r['VmHWM']:.1f}); "
+              f"cache hit {r['cache_hit']}; verdicts {r['verdicts']}")
+        extra = [d for d in r["dump_devices"] if d]
+        if len(extra) > 1:
+            print(f"          note: `wg show all dump` also listed {len(extra) - 1} other "
+                  "device(s) of this host's UAPI directory")
+    big = max(rows, key=lambda r: r["peers"])
+    print(f"\ngoals at {big['peers']} peers:")
+    ratio = big["warm"] / big["dump_all"]
+    print(f"  refresh <= {GOALS['refresh_vs_dump']}x wg dump: warm {ratio:.2f}x "
+          f"(warm* {big['warm_serve'] / big['dump_all']:.2f}x), "
+          f"cold {big['cold'] / big['dump_all']:.2f}x -> "
+          f"{'met' if ratio <= GOALS['refresh_vs_dump'] else 'MISSED'} (warm)")
+    scrape = big["scrape"] * 1000
+    print(f"  /metrics < {GOALS['scrape_ms']:.0f} ms: {scrape:.1f} ms -> "
+          f"{'met' if scrape < GOALS['scrape_ms'] else 'MISSED'}")
+    print(f"  RSS <= {GOALS['rss_mib']:.0f} MiB: {big['rss']:.1f} MiB (peak {big['hwm']:.1f}) "
+          f"-> {'met' if big['rss'] <= GOALS['rss_mib'] else 'MISSED'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", default="100,1000,10000")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="cProfile one refresh + render")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of the measuring process, e.g. MALLOC_MMAP_THRESHOLD_=131072")
+    p.add_argument("--exporter", metavar="DIR", help="measure the wgnest package in DIR "
+                   "(e.g. an extracted older commit's exporter/) instead of this checkout's")
+    p.add_argument("--child", metavar="DEV", help=argparse.SUPPRESS)
+    p.add_argument("--child-rss", metavar="DEV", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.runs, args.profile)))
+        return 0
+    if args.child_rss:
+        print(json.dumps(measure_rss(args.child_rss)))
+        return 0
+    if os.geteuid() != 0:
+        sys.stderr.write("scale_bench needs root (network namespace, TUN)\n")
+        return 2
+    counts = [int(x) for x in args.peers.split(",")]
+    if args.exporter:
+        args.env.append(f"WGNEST_BENCH_EXPORTER={Path(args.exporter).resolve()}")
+    lab = ScaleLab()
+    rows: list[dict[str, Any]] = []
+    try:
+        lab.build()
+        print(f"lab: netns {lab.ns}, wireguard-go {lab.dev} (pids {sorted(lab.pids)})")
+        for n in counts:
+            took = lab.set_peers(n)
+            print(f"  {n} peers configured over UAPI in {took:.2f} s; measuring ...", flush=True)
+            row = child(lab, args.runs, args.profile, args.env)
+            rows.append(row)
+            if args.profile:
+                print(row.pop("profile"))
+    finally:
+        lab.close()
+        left = leftovers(lab)
+        print("cleanup: " + ("left " + ", ".join(left) if left else
+                             f"netns {lab.ns} and wireguard-go {lab.dev} removed"))
+    if args.env:
+        print("measuring process environment: " + " ".join(args.env))
+    report(rows, args.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""wgnest.exposition writes exactly what prometheus_client's generate_latest() writes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from wgnest.exposition import exposition
+
+NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True)
+TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ['a"b', "back\\slash", "new\nline", "😀", ""])
+VALUES = st.integers(-5, 5) | st.floats(allow_nan=True, allow_infinity=True) | st.just(2**64 - 1)
+
+
+class Fixed(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.metrics)
+
+
+def reference(metrics: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed(metrics))
+    return generate_latest(registry)
+
+
+@st.composite
+def families(draw: st.DrawFn) -> Metric:
+    name = "wgtest_" + draw(NAMES)
+    labels = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True), max_size=3,
+                           unique=True))
+    kind = draw(st.sampled_from(["gauge", "counter", "histogram", "info"]))
+    doc = draw(TEXT)
+    rows = draw(st.lists(st.tuples(st.lists(TEXT, min_size=len(labels), max_size=len(labels)),
+                                   VALUES), max_size=5))
+    if kind == "gauge":
+        fam: Metric = GaugeMetricFamily(name, doc, labels=labels)
+        for values, v in rows:
+            fam.add_metric(values, v)
+    elif kind == "counter":
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for values, v in rows:
+            fam.add_metric(values, abs(v) if not math.isnan(v) else 0)
+    elif kind == "info":
+        fam = InfoMetricFamily(name, doc, labels=labels)
+        for values, _v in rows:
+            fam.add_metric(values, {"version": "1"})
+    else:
+        fam = HistogramMetricFamily(name, doc, labels=labels)
+        for values, _v in rows:
+            fam.add_metric(values, [("0.001", 1), ("1.0", 2), ("+Inf", 3)], 0.5)
+    return fam
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(families(), max_size=4, unique_by=lambda m: m.name))
+def test_same_bytes_as_generate_latest(metrics: list[Metric]) -> None:
+    assert exposition(metrics) == reference(metrics)
+
+
+def test_per_peer_family_same_bytes() -> None:
+    fam = GaugeMetricFamily("wireguard_peer_nested", "1 if nested.",
+                            labels=["device", "public_key", "outer_device"])
+    for i in range(1000):
+        fam.add_metric([f"wg{i % 3}", f"key{i}+/=", "wg0" if i % 2 else ""], i % 2)
+    assert exposition([fam]) == reference([fam])
