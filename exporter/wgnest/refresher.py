@@ -4,6 +4,7 @@ diagnosis and its rendered exposition, so a scrape only copies bytes."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -59,16 +60,31 @@ def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str],
     return exposition(SnapshotCollector(snap, paths, names, errors_total, collectors).collect())
 
 
+def _return_free_memory() -> None:
+    """Give the memory of the previous snapshot back to the system (glibc keeps it)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
 class Refresher:
     """Calls `take()` every `interval` seconds on its own thread."""
 
     def __init__(self, take: Callable[[], Snapshot], interval: float,
                  allow: Collection[tuple[str, str]] = (),
                  names: Callable[[], Mapping[str, str]] = dict,
-                 extra: Callable[[], Mapping[str, Status]] | None = None) -> None:
-        """`extra` reports collectors that run elsewhere (the prober): name -> status."""
+                 extra: Callable[[], Mapping[str, Status]] | None = None,
+                 extra_metrics: Callable[[], bytes] | None = None) -> None:
+        """`extra` reports collectors that run elsewhere (the prober): name -> status;
+        `extra_metrics` renders their metrics, appended to each refresh's exposition."""
         self._take, self._interval, self._allow, self._names = take, interval, allow, names
-        self._extra = extra
+        self._extra, self._extra_metrics = extra, extra_metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -86,6 +102,7 @@ class Refresher:
             state = self._build()
         with self._lock:
             self._state = state
+        _return_free_memory()
         return state
 
     def _build(self) -> State:
@@ -102,6 +119,11 @@ class Refresher:
         paths = diagnose(snap, self._allow)
         self._note_errors(snap)
         exposition = render(snap, paths, self._names(), self._errors_total, collectors)
+        if self._extra_metrics is not None:
+            try:
+                exposition += self._extra_metrics()
+            except Exception:  # their bug must not cost the other metrics
+                log.exception("rendering extra metrics failed")
         return State(snap, paths, exposition)
 
     def _note_errors(self, snap: Snapshot) -> None:

@@ -8,12 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
 
 from wgnest import status_page
 from wgnest.analysis.paths import PeerPath
@@ -23,7 +21,7 @@ from wgnest.peer_names import PeerNamesError, load_peer_names
 from wgnest.probe_metrics import peer_latencies, probe_families
 from wgnest.prober import Prober, ProbeSnapshot
 from wgnest.probing import add_probe_arguments, make_prober, probe_status
-from wgnest.refresher import Refresher
+from wgnest.refresher import Refresher, Status
 from wgnest.snapshot import Reader, take
 from wgnest.web import serve
 from wgnest.webconfig import WebConfigError, load_web_config
@@ -67,15 +65,9 @@ class _Pages:
         return self.prober.snapshot() if self.prober is not None else None
 
     def metrics(self) -> bytes:
+        """Rendered by the refresher (probe metrics included): a scrape copies bytes."""
         state = self.refresher.state
-        body = state.exposition if state is not None else b""
-        probes = self._probe_snapshot()
-        if probes is not None:
-            try:  # rendered per scrape: exposition(), same bytes as generate_latest(), faster
-                body += exposition(_ProbeCollector(probes, self.args).collect())
-            except Exception:  # a bug in probe metrics must not cost the other metrics
-                log.exception("rendering probe metrics failed")
-        return body
+        return state.exposition if state is not None else b""
 
     def status_page(self) -> str:
         state = self.refresher.state
@@ -89,12 +81,20 @@ class _Pages:
                                   self.args.telemetry_path, latency)
 
 
-class _ProbeCollector(Collector):
-    def __init__(self, snap: ProbeSnapshot, args: argparse.Namespace) -> None:
-        self.snap, self.args = snap, args
+def _probe_hooks(prober: Prober | None, args: argparse.Namespace
+                 ) -> tuple[Callable[[], dict[str, Status]] | None, Callable[[], bytes] | None]:
+    """The prober's collector status and its metrics, read by each refresh."""
+    if prober is None:
+        return None, None
 
-    def collect(self) -> Iterator[Metric]:
-        return probe_families(self.snap, self.args.anomaly_ratio, self.args.anomaly_min_excess)
+    def status() -> dict[str, Status]:
+        return {"probe": probe_status(prober.snapshot())}
+
+    def metrics() -> bytes:
+        return exposition(probe_families(prober.snapshot(), args.anomaly_ratio,
+                                         args.anomaly_min_excess))
+
+    return status, metrics
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -120,9 +120,8 @@ def run_serve(args: argparse.Namespace) -> int:
         prober = make_prober(args, current)
         if prober.disabled_reason:
             log.warning("latency probes are off: %s", prober.disabled_reason)
-    extra = (lambda: {"probe": probe_status(prober.snapshot())}) if prober else None
     refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
-                          lambda: names, extra)
+                          lambda: names, *_probe_hooks(prober, args))
     refresher.refresh_once()
     pages = _Pages(args, refresher, names, prober)
     try:
@@ -142,9 +141,14 @@ def run_serve(args: argparse.Namespace) -> int:
         prober.start()
     log.warning("wgnest serving on %s (port %d)", args.listen, server.port)
     stop.wait()
+    # Exit within ~1.5 s even when a refresh waits on a stuck source or a probe round on
+    # silent targets: ask every thread to stop first, then wait on one shared deadline.
+    deadline = time.monotonic() + 1.5
     server.shutdown()
-    refresher.stop()
     if prober is not None:
-        prober.stop()
+        prober.stop(timeout=0)
+    refresher.stop(timeout=max(0.0, deadline - time.monotonic()))
+    if prober is not None:
+        prober.stop(timeout=max(0.0, deadline - time.monotonic()))
     reader.close()
     return 0

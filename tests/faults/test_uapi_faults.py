@@ -124,7 +124,7 @@ def test_sigterm_during_slow_refresh(lab: Lab, seed: Seed,
     # still in the listen backlog when the listening socket closed).
     scrapes = exp.scraper.all()
     answered = [s for s in scrapes if s.status is not None]
-    assert_scrapes(answered, check, max_elapsed=0.5)
+    assert_scrapes(answered, check, max_elapsed=0.5, min_scrapes=3)  # a short window
     late = [s for s in scrapes if s.status is None]
     assert all(s.started + s.elapsed >= signalled for s in late), late[:3]
     assert all(s.error.startswith(("ConnectionRefusedError", "ConnectionResetError"))
