@@ -41,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    default=Path("/var/run/wireguard"), help="userspace WireGuard socket directory")
     p.add_argument("--wireguard.uapi-timeout", dest="uapi_timeout", type=float, default=1.0,
                    help="seconds one UAPI read may take")
-    p.add_argument("--log.level", dest="log_level", default="warning",
+    p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
 

@@ -107,7 +107,9 @@ def run_serve(args: argparse.Namespace) -> int:
     for warning in warnings:
         log.warning("peer names: %s", warning)
     if os.geteuid() == 0:
-        log.info("running as root; CAP_NET_ADMIN (+ root for UAPI sockets) is all it needs")
+        log.warning("running as root: only reading wireguard-go's root-only UAPI sockets needs "
+                    "it; kernel WireGuard needs just CAP_NET_ADMIN and CAP_NET_RAW "
+                    "(see exporter/systemd/wgnest.service)")
     reader = Reader(uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
     prober: Prober | None = None
     refresher: Refresher
@@ -139,7 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     refresher.start()
     if prober is not None:
         prober.start()
-    log.warning("wgnest serving on %s (port %d)", args.listen, server.port)
+    log.info("wgnest serving on %s (port %d)", args.listen, server.port)
     stop.wait()
     # Exit within ~1.5 s even when a refresh waits on a stuck source or a probe round on
     # silent targets: ask every thread to stop first, then wait on one shared deadline.
