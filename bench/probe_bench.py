@@ -178,9 +178,10 @@ def measure(n: int, seconds: float, interval: float, pings: int, dead: int,
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
 
-    from wgnest import metrics
-
-    exposition = getattr(metrics, "exposition", None)  # absent before this bench's changes
+    try:
+        from wgnest.exposition import exposition
+    except ImportError:  # an older checkout (--exporter) without the fast writer
+        exposition = None  # type: ignore[assignment]
 
     class Probes(Collector):
         def collect(self) -> Iterator[Any]:
@@ -279,11 +280,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                   f"diff {a['diff_ms'] * 1000:+.0f} us")
         print(f"  N={r['targets']:>5} last round {r['round_seconds'] * 1000:.1f} ms, "
               f"status {r['status']}")
-    print("\nprobe metrics per scrape (serve renders them on every GET /metrics):")
+    print("\nprobe metrics render (serve renders them once per refresh, not per scrape):")
     for r in rows:
         print(f"  N={r['targets']:>5}: after {r['fill']} more rounds (baselines of "
               f"{r['baseline_len']}): Prober.snapshot() {r['snapshot_ms']:.1f} ms, then "
-              f"families {r['families_ms']:.1f} ms; families + text: metrics.exposition() "
+              f"families {r['families_ms']:.1f} ms; families + text: exposition() "
               f"{r['fast_render_ms']:.1f} ms, generate_latest() {r['scrape_render_ms']:.1f} ms "
               f"(right after the run: {r['end_render_ms']:.1f} ms); "
               f"{r['scrape_bytes'] / 1e3:.0f} kB")
