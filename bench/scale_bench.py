@@ -31,7 +31,6 @@ import os
 import pstats
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPORTER = os.environ.get("WGNEST_BENCH_EXPORTER", str(REPO / "exporter"))
 sys.path[:0] = [EXPORTER, str(REPO)]
 
-from tests.lab.lab import UAPI_DIR, daemon_pids, run  # noqa: E402
+from tests.lab.lab import UAPI_DIR, daemon_pids, run, uapi_set  # noqa: E402
 
 GOALS = {"refresh_vs_dump": 1.5, "scrape_ms": 100.0, "rss_mib": 60.0}
 UAPI_BATCH = 2000  # peers per `set=1` operation
@@ -89,7 +88,7 @@ class ScaleLab:
         private = bytearray(secrets.token_bytes(32))
         private[0] &= 248
         private[31] = (private[31] & 127) | 64
-        self._uapi_set(f"private_key={private.hex()}\nlisten_port={LISTEN_PORT}\n")
+        uapi_set(self.dev, f"private_key={private.hex()}\nlisten_port={LISTEN_PORT}\n")
         run("ip", "link", "set", self.dev, "up", ns=self.ns)
         return self
 
@@ -97,24 +96,10 @@ class ScaleLab:
     def sock(self) -> Path:
         return UAPI_DIR / f"{self.dev}.sock"
 
-    def _uapi_set(self, body: str) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(120)
-            s.connect(str(self.sock))
-            s.sendall(f"set=1\n{body}\n".encode())
-            answer = b""
-            while not answer.endswith(b"\n\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-        if answer.strip() != b"errno=0":
-            raise RuntimeError(f"UAPI set failed: {answer[:200]!r}")
-
     def set_peers(self, n: int) -> float:
         """Replace every peer by `n` peers with distinct endpoints; returns seconds taken."""
         started = time.monotonic()
-        self._uapi_set("replace_peers=true\n")
+        uapi_set(self.dev, "replace_peers=true\n")
         hosts = EP_NET.num_addresses - 2
         for start in range(0, n, UAPI_BATCH):
             lines = []
@@ -125,7 +110,7 @@ class ScaleLab:
                     f"endpoint={ep}:{LISTEN_PORT + i % 1000}\n"
                     f"allowed_ip=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32\n"
                     f"allowed_ip=fd00::{i >> 16 & 0xFFFF:x}:{i & 0xFFFF:x}/128\n")
-            self._uapi_set("".join(lines))
+            uapi_set(self.dev, "".join(lines), timeout=120)
         return time.monotonic() - started
 
     def close(self) -> None:

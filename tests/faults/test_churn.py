@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import Seed
 from tests.faults.harness import Exporter, Samples, rss_kib
-from tests.lab.lab import UAPI_DIR, Lab, run
+from tests.lab.lab import Lab, run, uapi_set
 
 pytestmark = pytest.mark.lab
 
@@ -64,20 +62,6 @@ def test_policy_rule_flapping(lab: Lab, seed: Seed,
           f"(mean {sum(lags) / len(lags):.3f}); {len(scrapes)} scrapes")
 
 
-def _uapi_set(path: Path, body: str) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        sock.connect(str(path))
-        sock.sendall(f"set=1\n{body}\n".encode())
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer == b"errno=0\n\n", answer
-
-
 def _endpoints(n: int, port0: int) -> list[str]:
     """n different endpoints, every tenth an IPv6 one."""
     return [f"[2001:db8::{i + 1:x}]:{port0 + i}" if i % 10 == 9
@@ -86,7 +70,6 @@ def _endpoints(n: int, port0: int) -> list[str]:
 
 def test_peer_roams_1000_endpoints(lab: Lab, seed: Seed,
                                    start_exporter: Callable[..., Exporter]) -> None:
-    path = UAPI_DIR / f"{seed.w1}.sock"
     peer = base64.b64decode(seed.s2.public).hex()
     exp = start_exporter()
     exp.scraper.wait_for(lambda s: bool(s.get("wireguard_peer_nested", device=seed.w1)), 5.0,
@@ -94,7 +77,7 @@ def test_peer_roams_1000_endpoints(lab: Lab, seed: Seed,
 
     def roam(endpoints: list[str], pause: float) -> None:
         for endpoint in endpoints:
-            _uapi_set(path, f"public_key={peer}\nendpoint={endpoint}\n")
+            uapi_set(seed.w1, f"public_key={peer}\nendpoint={endpoint}\n", timeout=2.0)
             time.sleep(pause)
 
     roam(_endpoints(100, 2000), 0.003)  # warm-up: caches and allocator reach steady state

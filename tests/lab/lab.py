@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,23 @@ def run(*cmd: str, ns: str | None = None, check: bool = True, input: str | None 
     argv = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
     return subprocess.run(argv, check=check, capture_output=True, text=True, input=input,
                           env=env, timeout=timeout)
+
+
+def uapi_set(device: str, body: str, timeout: float = 10.0) -> None:
+    """Configure a userspace WireGuard device over its UAPI socket (`set=1`; keys in hex):
+    much faster than one `wg set` per peer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(UAPI_DIR / f"{device}.sock"))
+        sock.sendall(f"set=1\n{body}\n".encode())
+        answer = b""
+        while not answer.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    if answer != b"errno=0\n\n":
+        raise RuntimeError(f"UAPI set on {device} failed: {answer[:200]!r}")
 
 
 def missing_prerequisites() -> str:
