@@ -21,7 +21,8 @@ code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
 .ok{color:#1a7f37} .warn{color:#9a6700} .crit{color:#cf222e;font-weight:600}
 .banner{padding:.6em 1em;border-radius:6px;margin:1em 0;font-weight:600}
 .b0{background:#dafbe1} .b1{background:#fff8c5} .b2{background:#ffebe9} .b3{background:#eee}
-.fix{margin:.3em 0 0;color:#333} small{color:#666} .lat{white-space:nowrap} .lat small{white-space:normal;display:block;max-width:16em}
+.fix{margin:.3em 0 0;color:#333} small{color:#666} .lat{white-space:nowrap}
+.lat small{white-space:normal;display:block;max-width:16em}
 """
 
 
