@@ -11,26 +11,16 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
-from wgnest.model import Device, Endpoint, IPNetwork, Link, Peer
+from wgnest.model import Device, Endpoint, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.peer_builder import PeerBuilder
 
 log = logging.getLogger(__name__)
 DUMP_RETRIES = 3
-
-
-@dataclass
-class _PeerParts:
-    endpoint: Endpoint | None = None
-    allowed_ips: list[IPNetwork] = field(default_factory=list)
-    last_handshake: float = 0.0
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    keepalive: int = 0
 
 
 def _key(value: Any) -> str:
@@ -55,18 +45,18 @@ def _endpoint(raw: Any) -> Endpoint | None:
 def merge_dump(messages: Iterable[Any], link: Link) -> Device:
     """Merge the messages of one WG_CMD_GET_DEVICE dump into one Device (peers once each)."""
     public_key, listen_port, fwmark = "", 0, 0
-    peers: dict[str, _PeerParts] = {}
+    peers: dict[str, PeerBuilder] = {}
     for msg in messages:
         public_key = _key(msg.get_attr("WGDEVICE_A_PUBLIC_KEY")) or public_key
         listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or listen_port
         fwmark = msg.get_attr("WGDEVICE_A_FWMARK") or fwmark
         for raw in msg.get_attr("WGDEVICE_A_PEERS") or ():
             pub = _key(raw.get_attr("WGPEER_A_PUBLIC_KEY"))
-            parts = peers.setdefault(pub, _PeerParts())
+            parts = peers.get(pub) or peers.setdefault(pub, PeerBuilder(pub))
             if (ep := raw.get_attr("WGPEER_A_ENDPOINT")) is not None:
                 parts.endpoint = _endpoint(ep)
             if (hs := raw.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")) is not None:
-                parts.last_handshake = hs["tv_sec"] + hs["tv_nsec"] / 1e9
+                parts.handshake_sec, parts.handshake_nsec = hs["tv_sec"], hs["tv_nsec"]
             parts.rx_bytes = raw.get_attr("WGPEER_A_RX_BYTES") or parts.rx_bytes
             parts.tx_bytes = raw.get_attr("WGPEER_A_TX_BYTES") or parts.tx_bytes
             ka = raw.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
@@ -76,11 +66,7 @@ def merge_dump(messages: Iterable[Any], link: Link) -> Device:
     return Device(
         name=link.name, ifindex=link.index, implementation="kernel", public_key=public_key,
         listen_port=int(listen_port), fwmark=int(fwmark), mtu=link.mtu,
-        peers=tuple(
-            Peer(pub, p.endpoint, tuple(p.allowed_ips), p.last_handshake, p.rx_bytes,
-                 p.tx_bytes, p.keepalive)
-            for pub, p in peers.items()
-        ),
+        peers=tuple(p.build() for p in peers.values()),
     )
 
 

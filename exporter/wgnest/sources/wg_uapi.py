@@ -18,12 +18,12 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from wgnest.model import Device, Endpoint, IPNetwork, Link, Peer
+from wgnest.model import Device, Endpoint, IPNetwork, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.peer_builder import PeerBuilder
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ SOCK_DIR = Path("/var/run/wireguard")
 MAX_ANSWER = 64 << 20  # bytes; a larger answer is refused as "parse"
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _ENDPOINT = re.compile(r"\[([0-9a-fA-F:.]+)(?:%([^\]]+))?\]:([0-9]{1,5})|([0-9.]+):([0-9]{1,5})")
-_PEER_UINTS = {  # key -> (_PeerAcc field, maximum)
-    "last_handshake_time_sec": ("hs_sec", 2**63 - 1),
-    "last_handshake_time_nsec": ("hs_nsec", 999_999_999),
-    "tx_bytes": ("tx", 2**64 - 1),
-    "rx_bytes": ("rx", 2**64 - 1),
+_PEER_UINTS = {  # key -> (PeerBuilder field, maximum)
+    "last_handshake_time_sec": ("handshake_sec", 2**63 - 1),
+    "last_handshake_time_nsec": ("handshake_nsec", 999_999_999),
+    "tx_bytes": ("tx_bytes", 2**64 - 1),
+    "rx_bytes": ("rx_bytes", 2**64 - 1),
     "persistent_keepalive_interval": ("keepalive", 65535),
-    "protocol_version": ("version", 2**32 - 1),
+    "protocol_version": ("protocol_version", 2**32 - 1),
 }
 _PEER_KEYS = {*_PEER_UINTS, "preshared_key", "endpoint", "allowed_ip"}
 _P = 2**255 - 19
@@ -71,24 +71,6 @@ def x25519(scalar: bytes, u: int = 9) -> bytes:
 
 class _Bad(Exception):
     """A defect of one line; its text is ours and never holds a value from the answer."""
-
-
-@dataclass
-class _PeerAcc:
-    public_key: str
-    endpoint: Endpoint | None = None
-    allowed: list[IPNetwork] = field(default_factory=list)
-    hs_sec: int = 0
-    hs_nsec: int = 0
-    tx: int = 0
-    rx: int = 0
-    keepalive: int = 0
-    version: int = 0
-
-    def build(self) -> Peer:
-        handshake = self.hs_sec + self.hs_nsec / 1e9 if self.hs_sec else 0.0
-        return Peer(self.public_key, self.endpoint, tuple(self.allowed), handshake,
-                    self.rx, self.tx, self.keepalive)
 
 
 def _memo(memo: dict[str, T], value: str, convert: Callable[[str], T]) -> T:
@@ -165,7 +147,7 @@ def _check_errno(last: str, name: str) -> None:
         raise SourceError(f"UAPI get on {name} failed: errno {code} ({label})", "errno")
 
 
-def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[_PeerAcc]) -> None:
+def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuilder]) -> None:
     """Apply one known key; unknown keys are ignored."""
     if key in _PEER_KEYS and not peers:
         raise _Bad(f"key {key!r} before any public_key")
@@ -176,7 +158,7 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[_PeerAcc
     elif key in ("listen_port", "fwmark"):
         dev[key] = _uint(value, 65535 if key == "listen_port" else 2**32 - 1)
     elif key == "public_key":
-        peers.append(_PeerAcc(_memo(_KEYS, value, _public_key)))
+        peers.append(PeerBuilder(_memo(_KEYS, value, _public_key)))
     elif key in _PEER_UINTS:
         attr, maximum = _PEER_UINTS[key]
         setattr(peers[-1], attr, _uint(value, maximum))
@@ -184,7 +166,7 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[_PeerAcc
         peers[-1].endpoint = (_endpoint(value) if "%" in value
                               else _memo(_ENDPOINTS, value, _endpoint))
     elif key == "allowed_ip":
-        peers[-1].allowed.append(_memo(_NETWORKS, value, _network))
+        peers[-1].allowed_ips.append(_memo(_NETWORKS, value, _network))
     elif key == "errno":
         raise _Bad("errno before the end of the answer")
 
@@ -194,7 +176,7 @@ def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int) -> Device:
     lines = text.rstrip("\n").split("\n")
     _check_errno(lines[-1], name)
     dev: dict[str, str | int] = {"derived": "", "own": "", "listen_port": 0, "fwmark": 0}
-    peers: list[_PeerAcc] = []
+    peers: list[PeerBuilder] = []
     for num, line in enumerate(lines[:-1], 1):
         key, sep, value = line.partition("=")
         try:
