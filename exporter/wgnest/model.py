@@ -162,5 +162,10 @@ class Snapshot:
 TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 
 
+def peer_index(snap: Snapshot) -> dict[tuple[str, str], tuple[Device, Peer]]:
+    """(device name, public key) -> (device, peer), for looking peers up by a path's labels."""
+    return {(d.name, p.public_key): (d, p) for d in snap.devices for p in d.peers}
+
+
 def table_name(table: int) -> str:
     return TABLE_NAMES.get(table, str(table))

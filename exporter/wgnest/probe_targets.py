@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 
 from wgnest.analysis.paths import PeerPath
-from wgnest.model import IPAddress, Snapshot
+from wgnest.model import IPAddress, Snapshot, peer_index
 from wgnest.prober import ProbeTarget
 
 # (device, public key or "") -> address inside the tunnel
@@ -30,14 +30,12 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit
     """Per peer with an endpoint: `tunnel` (explicit target, else its single-host allowed IP),
     `transport` (the endpoint with the device's own mark, as its UDP packets go) and
     `direct` (the endpoint with the kernel-verified fix mark; else the device's mark)."""
-    devices = {d.name: d for d in snap.devices}
+    peers = peer_index(snap)
     out: list[ProbeTarget] = []
     for p in paths:
-        device = devices.get(p.device)
-        peer = next((x for x in device.peers if x.public_key == p.public_key), None) if (
-            device) else None
-        if device is None or peer is None:
+        if (found := peers.get((p.device, p.public_key))) is None:
             continue
+        device, peer = found
         inner = explicit.get((p.device, p.public_key)) or explicit.get((p.device, ""))
         if inner is None:
             hosts = [n for n in peer.allowed_ips if n.prefixlen == n.max_prefixlen]

@@ -11,7 +11,7 @@ from typing import Any
 
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
 from wgnest.analysis.paths import UNKNOWN as UNKNOWN_PATH
-from wgnest.model import Snapshot
+from wgnest.model import Device, Peer, Snapshot, peer_index
 from wgnest.probe_metrics import PeerLatency
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -154,6 +154,7 @@ def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
 
 def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None) -> str:
     v = verdict(snap, paths, latency)
+    peers = peer_index(snap)
     doc: dict[str, Any] = {
         "status": STATUS[v.code].lower(),
         "exit_code": v.code,
@@ -164,14 +165,15 @@ def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | No
             "public_key": d.public_key, "listen_port": d.listen_port, "fwmark": d.fwmark,
             "mtu": d.mtu, "peers": len(d.peers),
         } for d in snap.devices],
-        "peers": [_path_json(snap, p, (latency or {}).get((p.device, p.public_key)))
-                  for p in paths],
+        "peers": [_path_json(p, peers.get((p.device, p.public_key)),
+                             (latency or {}).get((p.device, p.public_key))) for p in paths],
         "errors": {c: {"reason": r, "message": m} for c, (r, m) in snap.errors.items()},
     }
     return json.dumps(doc, indent=2) + "\n"
 
 
-def _path_json(snap: Snapshot, p: PeerPath, lat: PeerLatency | None) -> dict[str, Any]:
+def _path_json(p: PeerPath, found: tuple[Device, Peer] | None, lat: PeerLatency | None
+               ) -> dict[str, Any]:
     doc = dataclasses.asdict(p)
     if lat is not None:
         doc["latency"] = {"median_seconds": dict(lat.median), "loss": dict(lat.loss),
@@ -182,9 +184,8 @@ def _path_json(snap: Snapshot, p: PeerPath, lat: PeerLatency | None) -> dict[str
         doc["flow"] = {"dst": str(p.flow.dst), "mark": p.flow.mark, "sport": p.flow.sport,
                        "dport": p.flow.dport, "proto": "udp", "uid": 0, "oif": p.flow.oif}
     doc["chain"] = list(p.chain)
-    device = next((d for d in snap.devices if d.name == p.device), None)
-    peer = next((x for x in device.peers if x.public_key == p.public_key), None) if device else None
-    if peer is not None:
+    if found is not None:
+        peer = found[1]
         doc["allowed_ips"] = [str(n) for n in peer.allowed_ips]
         doc["last_handshake"] = peer.last_handshake
         doc["rx_bytes"], doc["tx_bytes"] = peer.rx_bytes, peer.tx_bytes
