@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from wgnest.model import (
     TUNNEL_KINDS,
     WG_OVERHEAD,
+    DefaultRoute,
     Device,
     Flow,
     IPAddress,
@@ -106,6 +107,11 @@ class _View:
         link = self.links.get(oif)
         return link.kind if link else ""
 
+    def underlay_default(self, family: int) -> DefaultRoute | None:
+        """The main table's first default route of this family that is not a tunnel."""
+        return next((d for d in self.snap.defaults
+                     if d.family == family and not self.is_tunnel(d.oif)), None)
+
     def answer(self, flow: Flow | None) -> RouteAnswer | None:
         return self.snap.lookups.get(flow) if flow is not None else None
 
@@ -162,8 +168,7 @@ def _underlay_fix(view: _View, device: Device, peer: Peer, why: str) -> Fix:
     assert peer.endpoint is not None
     ep = peer.endpoint.address
     plen = ep.max_prefixlen
-    default = next((d for d in view.snap.defaults
-                    if d.family == ep.version and not view.is_tunnel(d.oif)), None)
+    default = view.underlay_default(ep.version)
     six = "-6 " if ep.version == 6 else ""
     if default is None:
         command = f"ip {six}route add {ep}/{plen} via <underlay gateway> dev <underlay device>"
@@ -242,8 +247,7 @@ def _mtu(view: _View, device: Device, peer: Peer, hops: list[_Hop]) -> MtuCost |
     if last is not None and not view.is_tunnel(last.index):
         underlay: Link | None = last
     else:
-        default = next((d for d in view.snap.defaults
-                        if d.family == family and not view.is_tunnel(d.oif)), None)
+        default = view.underlay_default(family)
         underlay = view.links.get(default.oif) if default is not None else None
     direct = underlay.mtu - WG_OVERHEAD[family] if underlay is not None else usable
     return MtuCost(device.mtu, usable, direct, max(0, direct - usable))

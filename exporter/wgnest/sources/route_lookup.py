@@ -87,6 +87,14 @@ def _error_answer(code: int) -> RouteAnswer:
     return RouteAnswer(error=errno.errorcode.get(code, str(code)))
 
 
+def _rtnetlink(groups: int, rcvbuf: int) -> socket.socket:
+    """An rtnetlink socket of this thread's network namespace, joined to `groups`."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((0, groups))
+    return sock
+
+
 class RouteLookup:
     """Asks the kernel of this process's network namespace, many flows per round trip."""
 
@@ -97,10 +105,8 @@ class RouteLookup:
 
     def _open(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock = _rtnetlink(0, 4 << 20)
             sock.settimeout(self._timeout)
-            sock.bind((0, 0))
             self._sock = sock
         return self._sock
 
@@ -177,9 +183,7 @@ class CachedRouteLookup:
 
     def _subscribe(self) -> socket.socket:
         if self._events is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind((0, WATCHED))
+            sock = _rtnetlink(WATCHED, 1 << 20)
             sock.setblocking(False)
             self._events = sock
             self._cache.clear()  # anything cached before we listened is unproven
