@@ -48,10 +48,16 @@ def add_probe_arguments(p: argparse.ArgumentParser, interval: float) -> None:
 def make_prober(args: argparse.Namespace,
                 state: Callable[[], tuple[Snapshot, Sequence[PeerPath]] | None]) -> Prober:
     explicit = dict(args.probe_targets)
+    last: list[tuple[Snapshot, list[ProbeTarget]]] = []  # targets of the newest snapshot
 
     def targets() -> list[ProbeTarget]:
+        """Derived once per snapshot, not once per probe round."""
         current = state()
-        return probe_targets(current[0], current[1], explicit) if current else []
+        if current is None:
+            return []
+        if not last or last[0][0] is not current[0]:
+            last[:] = [(current[0], probe_targets(current[0], current[1], explicit))]
+        return last[0][1]
 
     return Prober(targets, interval=args.probe_interval, timeout=args.probe_timeout)
 
