@@ -113,8 +113,8 @@ def ping_rtts(text: str) -> list[float]:
 
 def measure(n: int, seconds: float, interval: float, pings: int, dead: int,
             fill: int) -> dict[str, Any]:
-    from wgnest.probe_metrics import probe_families
-    from wgnest.prober import Prober, ProbeTarget
+    from wgnest.probe.prober import Prober, ProbeTarget
+    from wgnest.surfaces.probe_metrics import probe_families
 
     rounds = max(1, round(seconds / interval))
 
@@ -179,7 +179,7 @@ def measure(n: int, seconds: float, interval: float, pings: int, dead: int,
     from prometheus_client.registry import Collector
 
     try:
-        from wgnest.exposition import exposition
+        from wgnest.surfaces.exposition import exposition
     except ImportError:  # an older checkout (--exporter) without the fast writer
         exposition = None  # type: ignore[assignment]
 

@@ -10,7 +10,7 @@ inside the namespace (`ip netns exec`), so RSS figures are per N and not cumulat
 * wgnest's refresh (`take()` + `diagnose()`), cold (new Reader: empty route cache, sockets to
   open) and warm (route cache hit);
 * render of the exposition (`refresher.render`) and an HTTP GET of /metrics against a real
-  `wgnest.web.serve` on 127.0.0.1 serving the pre-rendered bytes (what a scrape costs);
+  `wgnest.runtime.web.serve` on 127.0.0.1 serving the pre-rendered bytes (what a scrape costs);
 * VmRSS / VmHWM of a separate serve-like process (its imports, a Refresher, the HTTP server)
   after a few refreshes and scrapes, and the number of series.
 
@@ -192,14 +192,14 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry, generate_latest
 
     import wgnest
-    from wgnest import refresher as refresher_module
     from wgnest.analysis.paths import PeerPath, diagnose
-    from wgnest.metrics import SnapshotCollector
     from wgnest.model import Snapshot
-    from wgnest.refresher import Refresher, render
+    from wgnest.runtime import refresher as refresher_module
+    from wgnest.runtime.refresher import Refresher, render
+    from wgnest.runtime.web import serve
     from wgnest.snapshot import Reader, take
     from wgnest.sources.netstate import _open_default
-    from wgnest.web import serve
+    from wgnest.surfaces.metrics import SnapshotCollector
 
     _open_default().close()  # pyroute2's lazy import is a one-time cost, not a refresh's
     out: dict[str, Any] = {"rss_start": vm_status()["VmRSS"],
@@ -288,10 +288,10 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
 def measure_rss(dev: str, refreshes: int = 6) -> dict[str, Any]:
     """Memory as `wgnest serve` (no prober) holds it, in a process that does nothing else:
     its imports, a Reader and a Refresher, refreshes, a listening server and a few scrapes."""
-    import wgnest.serve  # noqa: F401  (everything serve imports)
-    from wgnest.refresher import Refresher
+    import wgnest.runtime.serve  # noqa: F401  (everything serve imports)
+    from wgnest.runtime.refresher import Refresher
+    from wgnest.runtime.web import serve
     from wgnest.snapshot import Reader, take
-    from wgnest.web import serve
 
     out: dict[str, Any] = {"rss_imports": vm_status()["VmRSS"]}
     reader = Reader()

@@ -42,8 +42,8 @@ from wgnest.model import (
     Rule,
     Snapshot,
 )
-from wgnest.report import CRITICAL, OK, WARNING, render_json, render_text, verdict
-from wgnest.report import UNKNOWN as NAGIOS_UNKNOWN
+from wgnest.surfaces.report import CRITICAL, OK, WARNING, render_json, render_text, verdict
+from wgnest.surfaces.report import UNKNOWN as NAGIOS_UNKNOWN
 
 ETH, WG0, WG1, WG2, GRE, TUN, WG3 = 2, 3, 4, 5, 6, 7, 8
 GW4, GW6 = "192.0.2.1", "fe80::1"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wgnest.cli import main
+from wgnest.runtime.cli import main
 
 EXPORTER = Path(__file__).resolve().parents[1] / "exporter"
 

@@ -1,4 +1,4 @@
-"""wgnest.exposition writes exactly what prometheus_client's generate_latest() writes."""
+"""wgnest.surfaces.exposition writes exactly what prometheus_client's generate_latest() writes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from wgnest.exposition import exposition
+from wgnest.surfaces.exposition import exposition
 
 NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True)
 TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(

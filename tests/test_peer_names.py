@@ -1,4 +1,4 @@
-"""Friendly peer names from wg-quick, networkd and TOML files (wgnest.peer_names)."""
+"""Friendly peer names from wg-quick, networkd and TOML files (wgnest.sources.peer_names)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from wgnest import peer_names
-from wgnest.peer_names import PeerNamesError, load_peer_names, parse_wg_config
+from wgnest.sources import peer_names
+from wgnest.sources.peer_names import PeerNamesError, load_peer_names, parse_wg_config
 
 
 def key(n: int) -> str:
@@ -326,7 +326,7 @@ def test_warnings_are_one_line() -> None:
 
 
 def _load_without_dac_override(config_dir: Path, netdev: Path) -> tuple[dict[str, str], list[str]]:
-    code = ("import json, sys; from pathlib import Path; from wgnest.peer_names import "
+    code = ("import json, sys; from pathlib import Path; from wgnest.sources.peer_names import "
             "load_peer_names as f; print(json.dumps(f(Path(sys.argv[1]), "
             "netdev_dirs=[Path(sys.argv[2])])))")
     res = subprocess.run(

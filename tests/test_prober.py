@@ -23,8 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from wgnest.probe_metrics import peer_latency, probe_families
-from wgnest.prober import (
+from wgnest.probe.prober import (
     BUCKETS,
     Channel,
     Prober,
@@ -34,6 +33,7 @@ from wgnest.prober import (
     SeriesSnapshot,
     probe_mode,
 )
+from wgnest.surfaces.probe_metrics import peer_latency, probe_families
 
 A = ip_address
 
@@ -482,7 +482,7 @@ def test_concurrent_probers_no_crosstalk(netlab: Lab) -> None:
 
 UNPRIV = """
 import ipaddress, json
-from wgnest.prober import Prober, ProbeTarget
+from wgnest.probe.prober import Prober, ProbeTarget
 ts = [ProbeTarget("wg0", k, "direct", ipaddress.ip_address(a), m)
       for k, a, m in (("a", "198.18.0.2", 0), ("b", "fd00:77::2", 0), ("c", "198.18.0.2", 0x77))]
 p = Prober(lambda: ts, timeout=0.5)

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from wgnest import web
-from wgnest.web import Server, parse_listen, serve
-from wgnest.webconfig import WebConfig, WebConfigError, build_ssl_context, load_web_config
+from wgnest.runtime import web
+from wgnest.runtime.web import Server, parse_listen, serve
+from wgnest.runtime.webconfig import WebConfig, WebConfigError, build_ssl_context, load_web_config
 
 BODY = b"# HELP wgnest_up up\n# TYPE wgnest_up gauge\nwgnest_up 1\n"
 PASSWORD = "s3cret pässword"
@@ -194,7 +194,7 @@ def test_keepalive_serves_several_requests(start: Callable[..., Server]) -> None
 
 def test_handler_exception_is_500_without_traceback(
         start: Callable[..., Server], caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="wgnest.web")
+    caplog.set_level(logging.DEBUG, logger="wgnest.runtime.web")
     port = start(App(fail=True)).port
     status, headers, body = get(port)
     assert (status, body) == (500, b"internal error\n")

@@ -1,3 +1,3 @@
-from wgnest.cli import main
+from wgnest.runtime.cli import main
 
 raise SystemExit(main())

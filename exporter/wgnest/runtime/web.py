@@ -26,7 +26,7 @@ from typing import Protocol, cast
 import bcrypt
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from wgnest.webconfig import WebConfig, build_ssl_context
+from wgnest.runtime.webconfig import WebConfig, build_ssl_context
 
 log = logging.getLogger(__name__)
 

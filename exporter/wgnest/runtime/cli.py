@@ -13,10 +13,10 @@ from typing import NoReturn
 from wgnest import __version__
 from wgnest.analysis.paths import PeerPath, diagnose, parse_allow
 from wgnest.model import Snapshot
-from wgnest.probe_metrics import PeerLatency, peer_latencies
-from wgnest.probing import add_probe_arguments, make_prober
-from wgnest.report import UNKNOWN, render_json, render_text, verdict
+from wgnest.runtime.probing import add_probe_arguments, make_prober
 from wgnest.snapshot import Reader, take
+from wgnest.surfaces.probe_metrics import PeerLatency, peer_latencies
+from wgnest.surfaces.report import UNKNOWN, render_json, render_text, verdict
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="echo requests per path before judging latency (default 3)")
     _common(check)
     add_probe_arguments(check, interval=0.2)
-    from wgnest.serve import add_serve_arguments
+    from wgnest.runtime.serve import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="run the Prometheus exporter"), _common)
     return parser
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return run_check(args)
-        from wgnest.serve import run_serve
+        from wgnest.runtime.serve import run_serve
 
         return run_serve(args)
     except KeyboardInterrupt:

@@ -9,8 +9,8 @@ from html import escape
 from wgnest import __version__
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, PeerPath
 from wgnest.model import Snapshot
-from wgnest.probe_metrics import PeerLatency
-from wgnest.report import STATUS, latency_parts, verdict
+from wgnest.surfaces.probe_metrics import PeerLatency
+from wgnest.surfaces.report import STATUS, latency_parts, verdict
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}

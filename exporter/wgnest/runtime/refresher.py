@@ -15,10 +15,10 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from wgnest.analysis.paths import PeerPath, diagnose
-from wgnest.exposition import exposition
-from wgnest.metrics import SnapshotCollector
 from wgnest.model import Snapshot
 from wgnest.snapshot import COLLECTORS
+from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.metrics import SnapshotCollector
 
 log = logging.getLogger(__name__)
 

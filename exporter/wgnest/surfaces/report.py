@@ -12,7 +12,7 @@ from typing import Any
 from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
 from wgnest.analysis.paths import UNKNOWN as UNKNOWN_PATH
 from wgnest.model import Device, Peer, Snapshot, peer_index
-from wgnest.probe_metrics import PeerLatency
+from wgnest.surfaces.probe_metrics import PeerLatency
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATUS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}

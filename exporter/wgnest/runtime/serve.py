@@ -13,18 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from wgnest import status_page
 from wgnest.analysis.paths import PeerPath
-from wgnest.exposition import exposition
 from wgnest.model import Snapshot
-from wgnest.peer_names import PeerNamesError, load_peer_names
-from wgnest.probe_metrics import peer_latencies, probe_families
-from wgnest.prober import Prober, ProbeSnapshot
-from wgnest.probing import add_probe_arguments, make_prober, probe_status
-from wgnest.refresher import Refresher, Status
+from wgnest.probe.prober import Prober, ProbeSnapshot
+from wgnest.runtime.probing import add_probe_arguments, make_prober, probe_status
+from wgnest.runtime.refresher import Refresher, Status
+from wgnest.runtime.web import serve
+from wgnest.runtime.webconfig import WebConfigError, load_web_config
 from wgnest.snapshot import Reader, take
-from wgnest.web import serve
-from wgnest.webconfig import WebConfigError, load_web_config
+from wgnest.sources.peer_names import PeerNamesError, load_peer_names
+from wgnest.surfaces import status_page
+from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.probe_metrics import peer_latencies, probe_families
 
 log = logging.getLogger("wgnest")
 

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 
 from wgnest.analysis.paths import PeerPath
 from wgnest.model import IPAddress, Snapshot
-from wgnest.probe_targets import parse_probe_target, probe_targets
-from wgnest.prober import Prober, ProbeSnapshot, ProbeTarget
-from wgnest.refresher import Status
+from wgnest.probe.prober import Prober, ProbeSnapshot, ProbeTarget
+from wgnest.probe.targets import parse_probe_target, probe_targets
+from wgnest.runtime.refresher import Status
 
 UNITS = {"ms": 0.001, "s": 1.0, "": 1.0}
 

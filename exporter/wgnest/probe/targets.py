@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from wgnest.analysis.paths import PeerPath
 from wgnest.model import IPAddress, Snapshot, peer_index
-from wgnest.prober import ProbeTarget
+from wgnest.probe.prober import ProbeTarget
 
 # (device, public key or "") -> address inside the tunnel
 Explicit = Mapping[tuple[str, str], IPAddress]

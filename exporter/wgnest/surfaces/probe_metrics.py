@@ -13,7 +13,7 @@ from prometheus_client.core import (
 )
 
 from wgnest.analysis.latency import latency_anomaly, median, overhead_ratio
-from wgnest.prober import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
+from wgnest.probe.prober import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
 
 DP = ["device", "public_key"]
 DPP = [*DP, "path"]

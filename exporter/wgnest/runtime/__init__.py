@@ -1,0 +1,1 @@
+"""Runtime: the command line, the refresher, the HTTP server and its web config."""

@@ -1,0 +1,1 @@
+"""Surfaces: metrics, exposition, `check` output, the status page. No I/O."""
