@@ -113,7 +113,8 @@ def ping_rtts(text: str) -> list[float]:
 
 def measure(n: int, seconds: float, interval: float, pings: int, dead: int,
             fill: int) -> dict[str, Any]:
-    from wgnest.probe.prober import Prober, ProbeTarget
+    from wgnest.model.probes import ProbeTarget
+    from wgnest.probe.prober import Prober
     from wgnest.surfaces.probe_metrics import probe_families
 
     rounds = max(1, round(seconds / interval))

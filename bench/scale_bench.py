@@ -193,7 +193,7 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
 
     import wgnest
     from wgnest.analysis.paths import PeerPath, diagnose
-    from wgnest.model import Snapshot
+    from wgnest.model.host import Snapshot
     from wgnest.runtime import refresher as refresher_module
     from wgnest.runtime.refresher import Refresher, render
     from wgnest.runtime.web import serve
@@ -255,10 +255,10 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
         out["peers"] = peers
         out["verdicts"] = dict(Counter(p.verdict for p in paths))
         out["render"] = statistics.median(
-            timed(lambda: render(snap, paths, {}, Counter()))[0] for _ in range(runs))
-        body = render(snap, paths, {}, Counter())
+            timed(lambda: render(snap, paths, {}))[0] for _ in range(runs))
+        body = render(snap, paths, {})
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(snap, paths, {}, Counter()))
+        registry.register(SnapshotCollector(snap, paths, {}))
         if generate_latest(registry) != body:
             raise RuntimeError("render() differs from prometheus_client's generate_latest()")
         out["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
@@ -279,7 +279,7 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
             server.shutdown()
         out.update(vm_status())
         if profile:
-            out["profile"] = profile_text(lambda: render(*refresh(reader), {}, Counter()))
+            out["profile"] = profile_text(lambda: render(*refresh(reader), {}))
     finally:
         reader.close()
     return out

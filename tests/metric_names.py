@@ -48,6 +48,7 @@ METRIC_LABELS = MappingProxyType({
     "wgnest_collector_success": _COLLECTOR,
     "wgnest_collector_duration_seconds": _COLLECTOR,
     "wgnest_snapshot_timestamp_seconds": (),
+    "wgnest_refresh_interval_seconds": (),
     "wgnest_build_info": ("version",),
     "wgnest_errors_total": ("reason",),
 })
@@ -67,7 +68,8 @@ COUNTERS: frozenset[str] = frozenset({
 
 # Values of the fixed-set labels.
 COLLECTORS: tuple[str, ...] = (
-    "wireguard_kernel", "wireguard_uapi", "links", "rules", "route_lookup", "probe")
+    "wireguard_kernel", "wireguard_uapi", "links", "rules", "route_lookup", "udp_sockets",
+    "probe", "refresh")
 PROBE_PATHS: tuple[str, ...] = ("tunnel", "transport", "direct")
 
 # Series a client library may add on its own; not part of the contract.

@@ -27,6 +27,7 @@ EXPECTED_ALERTS = {
     "WireGuardLatencyAnomaly": "warning",
     "WireGuardHandshakeStale": "warning",
     "WgnestCollectorFailing": "warning",
+    "WgnestSnapshotStale": "warning",
     "WgnestExporterDown": "warning",
 }
 

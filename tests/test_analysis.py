@@ -18,35 +18,31 @@ from typing import NamedTuple
 
 import pytest
 
-from wgnest.analysis.paths import (
-    DIRECT,
-    LOOP,
-    NESTED,
-    NO_ENDPOINT,
-    NO_ROUTE,
-    UNKNOWN,
-    MtuCost,
-    PeerPath,
-    diagnose,
-    fix_flows,
-    parse_allow,
-)
-from wgnest.model import (
-    DefaultRoute,
+from wgnest.analysis.fixes import fix_flows
+from wgnest.analysis.nagios import Nagios, check_result
+from wgnest.analysis.paths import MtuCost, PathVerdict, PeerPath, diagnose, parse_allow
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import (
     Device,
     Endpoint,
     Flow,
     Link,
+    MainRoute,
     Peer,
     RouteAnswer,
     Rule,
     Snapshot,
 )
-from wgnest.surfaces.report import CRITICAL, OK, WARNING, render_json, render_text, verdict
-from wgnest.surfaces.report import UNKNOWN as NAGIOS_UNKNOWN
+from wgnest.surfaces.report import render_json, render_text
+
+DIRECT, NESTED, LOOP = PathVerdict.DIRECT, PathVerdict.NESTED, PathVerdict.LOOP
+NO_ENDPOINT, NO_ROUTE, UNKNOWN = PathVerdict.NO_ENDPOINT, PathVerdict.NO_ROUTE, PathVerdict.UNKNOWN
+OK, WARNING, CRITICAL, NAGIOS_UNKNOWN = Nagios.OK, Nagios.WARNING, Nagios.CRITICAL, Nagios.UNKNOWN
 
 ETH, WG0, WG1, WG2, GRE, TUN, WG3 = 2, 3, 4, 5, 6, 7, 8
 GW4, GW6 = "192.0.2.1", "fe80::1"
+N = ipaddress.ip_network
+DEFAULTS = (MainRoute(N("0.0.0.0/0"), ETH, GW4), MainRoute(N("::/0"), ETH, GW6))
 KA, KB, KC, KD, KE = (c * 43 + "=" for c in "ABCDE")
 LINKS = (
     Link(1, "lo", "", 65536, True), Link(ETH, "eth0", "", 1500, True),
@@ -100,8 +96,7 @@ def snap(devices: tuple[Device, ...], rules: tuple[Rule, ...],
          lookups: dict[Flow, RouteAnswer]) -> Snapshot:
     rules = tuple(sorted(base_rules(4) + base_rules(6) + rules,
                          key=lambda r: (r.family, r.priority)))
-    return Snapshot(1700000000.0, devices, LINKS, rules,
-                    (DefaultRoute(4, ETH, GW4), DefaultRoute(6, ETH, GW6)), lookups)
+    return Snapshot(1700000000.0, devices, LINKS, rules, DEFAULTS, lookups)
 
 
 # wg0: a wg-quick full tunnel (FwMark/Table 51820); wg1: a site tunnel without a fwmark.
@@ -244,16 +239,16 @@ class Want(NamedTuple):
     table: str = ""
     outer: str = ""
     outer_peer: str = ""
-    fix: tuple[str, int, bool, str] | None = None  # kind, fwmark, verified, command
+    fix: tuple[str, int, str, str] | None = None  # kind, fwmark, proof, first command
     mtu: MtuCost | None = None
     allowed: bool = False
 
 
-def route_fix(ep: str) -> tuple[str, int, bool, str]:
-    return ("route", 0, False, f"ip route add {ep}/32 via {GW4} dev eth0")
+def route_fix(ep: str) -> tuple[str, int, str, str]:
+    return ("route", 0, "rule_order", f"ip route add {ep}/32 via {GW4} dev eth0")
 
 
-MARK_FIX = ("fwmark", 51820, True, "wg set wg1 fwmark 51820")
+MARK_FIX = ("fwmark", 51820, "kernel", "wg set wg1 fwmark 51820")
 DIRECT_WG0 = Want(DIRECT, ("wg0", "eth0"), "main")
 CASES = [
     ("seed", seed, KB, Want(
@@ -269,7 +264,7 @@ CASES = [
         MtuCost(1340, 1360, 1440, 80))),
     ("custom-mark", custom_mark, KB, Want(
         NESTED, ("wg1", "wg0", "eth0"), "4660", "wg0", KA,
-        ("fwmark", 4660, True, "wg set wg1 fwmark 4660"), MtuCost(1340, 1360, 1440, 80))),
+        ("fwmark", 4660, "kernel", "wg set wg1 fwmark 4660"), MtuCost(1340, 1360, 1440, 80))),
     ("main-capture", main_capture, KB, Want(
         NESTED, ("wg1", "wg2", "eth0"), "main", "wg2", KC, route_fix("198.51.100.7"),
         MtuCost(1340, 1360, 1440, 80))),
@@ -279,7 +274,7 @@ CASES = [
         MtuCost(1340, 1300, 1440, 140))),
     ("double-middle", double, KC, Want(
         NESTED, ("wg2", "wg0", "eth0"), "51820", "wg0", KA,
-        ("fwmark", 51820, True, "wg set wg2 fwmark 51820"), MtuCost(1420, 1360, 1440, 80))),
+        ("fwmark", 51820, "kernel", "wg set wg2 fwmark 51820"), MtuCost(1420, 1360, 1440, 80))),
     ("split-default-self", split_default, KA, Want(
         LOOP, ("wg0", "wg0"), "main", "wg0", "", route_fix("203.0.113.1"))),
     ("split-default-other", split_default, KB, Want(
@@ -297,7 +292,7 @@ CASES = [
     ("ipv6-link-local", ipv6, KC, Want(DIRECT, ("wg2", "eth0"), "main")),
     ("ipv6-main", ipv6_main, KB, Want(
         NESTED, ("wg1", "wg0", "eth0"), "main", "wg0", KA,
-        ("route", 0, False, f"ip -6 route add 2001:db8:1::7/128 via {GW6} dev eth0"),
+        ("route", 0, "rule_order", f"ip -6 route add 2001:db8:1::7/128 via {GW6} dev eth0"),
         MtuCost(1340, 1340, 1420, 80))),
     ("no-endpoint", unroutable, KA, Want(NO_ENDPOINT)),
     ("enetunreach", unroutable, KB, Want(NO_ROUTE)),
@@ -324,7 +319,7 @@ def path_of(paths: list[PeerPath], key: str) -> PeerPath:
                          ids=[c[0] for c in CASES])
 def test_diagnose(build: Build, key: str, want: Want) -> None:
     p = path_of(diagnose(build()), key)
-    fix = None if p.fix is None else (p.fix.kind, p.fix.fwmark, p.fix.verified, p.fix.command)
+    fix = None if p.fix is None else (p.fix.kind, p.fix.fwmark, p.fix.proof, p.fix.commands[0])
     got = Want(p.verdict, p.chain, p.table, p.outer, p.outer_peer, fix, p.mtu, p.allowed)
     assert got == want
     assert p.alarming == (want.verdict in (NESTED, LOOP))
@@ -341,7 +336,7 @@ def test_seed_details() -> None:
     assert (p.endpoint, p.egress, p.egress_kind, p.gateway) == (EP1, "wg0", "wireguard", "")
     assert p.flow == Flow(ipaddress.ip_address("198.51.100.7"), 0, 40000, 51820)
     assert p.fix is not None
-    assert p.fix.config_line == "FwMark = 51820"
+    assert p.fix.config_lines == ("FwMark = 51820",)
     assert p.fix.resulting_egress == "eth0"
     assert p.fix.explanation == "with fwmark 51820 the kernel routes it via eth0 (table main)"
     outer = path_of(diagnose(seed()), KA)
@@ -351,7 +346,7 @@ def test_seed_details() -> None:
 def test_unverified_fix_explanations() -> None:
     still = path_of(diagnose(candidate_still_tunnel()), KB).fix
     assert still is not None
-    assert still.config_line == ""
+    assert still.kind != "fwmark"
     assert "around table 51820" in still.explanation
     main = path_of(diagnose(main_capture()), KB).fix
     assert main is not None
@@ -363,11 +358,12 @@ def test_unverified_fix_explanations() -> None:
 
 
 def test_route_fix_without_underlay_default_uses_placeholders() -> None:
-    s = dataclasses.replace(main_capture(), defaults=())
+    s = dataclasses.replace(main_capture(), main_routes=())
     fix = path_of(diagnose(s), KB).fix
     assert fix is not None
-    assert fix.command == ("ip route add 198.51.100.7/32 via <underlay gateway> "
-                           "dev <underlay device>")
+    assert fix.commands == ("ip route add 198.51.100.7/32 via <underlay gateway> "
+                            "dev <underlay device>",)
+    assert fix.proof == "none"  # placeholders: never presented as proven
 
 
 def test_link_local_flow_carries_scope_id_as_oif() -> None:
@@ -458,7 +454,8 @@ def test_parse_allow_errors(spec: str) -> None:
 
 
 def with_errors(s: Snapshot, **errors: tuple[str, str]) -> Snapshot:
-    return dataclasses.replace(s, errors=errors)
+    return dataclasses.replace(s, failures=tuple(
+        SourceFailure(c, r, m) for c, (r, m) in errors.items()))
 
 
 @pytest.mark.parametrize(("build", "allow", "code", "summary"), [
@@ -474,8 +471,7 @@ def with_errors(s: Snapshot, **errors: tuple[str, str]) -> Snapshot:
     (lambda: with_errors(fixed(), route_lookup=("timeout", "slow")), (), NAGIOS_UNKNOWN,
      "cannot read route_lookup (timeout): slow"),
     (lambda: with_errors(Snapshot(0.0), wireguard_kernel=("eperm", "denied")), (),
-     NAGIOS_UNKNOWN, "cannot read wireguard_kernel (eperm): denied "
-     "(needs root or CAP_NET_ADMIN)"),
+     NAGIOS_UNKNOWN, "cannot read wireguard_kernel (eperm): denied (needs CAP_NET_ADMIN)"),
     (unroutable, (), WARNING, "2 endpoints without a route; 1 endpoints whose route is unknown"
                               " (1 tunnels, 4 peers)"),
     (lambda: with_errors(fixed(), wireguard_uapi=("timeout", "wg9: no answer")), (), WARNING,
@@ -486,7 +482,7 @@ def with_errors(s: Snapshot, **errors: tuple[str, str]) -> Snapshot:
         "route-lookup", "eperm", "no-route", "partial", "partial-no-devices"])
 def test_verdict(build: Build, allow: Collection[tuple[str, str]], code: int, summary: str) -> None:
     s = build()
-    v = verdict(s, diagnose(s, allow))
+    v = check_result(s, diagnose(s, allow))
     assert (v.code, v.summary) == (code, summary)
 
 
@@ -510,7 +506,7 @@ def test_render_text_names_the_config_file(tmp_path: Path) -> None:
 def test_render_text_route_fix_allowed_and_errors(tmp_path: Path) -> None:
     s = with_errors(two_full(), wireguard_uapi=("timeout", "slow"))
     text = render_text(s, diagnose(s), tmp_path)
-    assert "    fix: ip route add 203.0.113.1/32 via 192.0.2.1 dev eth0" in text.splitlines()
+    assert "         now: ip route add 203.0.113.1/32 via 192.0.2.1 dev eth0" in text.splitlines()
     assert "ROUTING LOOP [wg0 -> wg1 -> wg0]" in text
     assert "source wireguard_uapi failed (timeout): slow" in text
     allowed = render_text(seed(), diagnose(seed(), {("wg1", "wg0")}), tmp_path)
@@ -524,10 +520,11 @@ def test_render_json_round_trips(build: Build) -> None:
     paths = diagnose(s)
     text = render_json(s, paths)
     doc = json.loads(text)
-    assert doc["exit_code"] == verdict(s, paths).code
+    assert doc["exit_code"] == check_result(s, paths).code
     assert doc["status"] == {OK: "ok", WARNING: "warning", CRITICAL: "critical",
                              NAGIOS_UNKNOWN: "unknown"}[doc["exit_code"]]
-    assert doc["errors"] == {"wireguard_uapi": {"reason": "timeout", "message": "slow"}}
+    assert doc["errors"] == [
+        {"collector": "wireguard_uapi", "reason": "timeout", "message": "slow"}]
     assert [(p["device"], p["public_key"], p["verdict"]) for p in doc["peers"]] == [
         (p.device, p.public_key, p.verdict) for p in paths]
     assert "private" not in text.lower()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 
-from wgnest.model import Rule
+from wgnest.model.host import Rule
 from wgnest.sources.netstate import NetState, rule_from_msg
 
 UNSET = 0xFFFFFFFF
@@ -133,3 +133,39 @@ def test_rules_from_a_real_kernel() -> None:
         "0: from all lookup local", "32764: from all lookup main suppress_prefixlength 0",
         "32765: not from all fwmark 0xca6c lookup 51820", "32766: from all lookup main"]
     assert Rule(4, 32765, 51820, 1, 51820, ALL, True) in rules
+
+
+def test_every_selector_and_a_multipath_default_from_a_real_kernel() -> None:
+    """Rules read back with every selector as `ip rule` prints them, and a multipath default
+    route read by its first next hop (it has no RTA_OIF of its own)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates a network namespace, links, rules and routes")
+    from pyroute2 import IPRoute
+
+    ns = "ns" + secrets.token_hex(2)
+    run("ip", "netns", "add", ns)
+    state = NetState(lambda: IPRoute(netns=ns))
+    try:
+        run("ip", "-n", ns, "link", "add", "m0", "type", "veth", "peer", "name", "m1")
+        for dev in ("m0", "m1"):
+            run("ip", "-n", ns, "link", "set", dev, "up")
+        run("ip", "-n", ns, "addr", "add", "10.9.0.1/24", "dev", "m0")
+        run("ip", "-n", ns, "addr", "add", "10.8.0.1/24", "dev", "m1")
+        run("ip", "-n", ns, "rule", "add", "pref", "10", "not", "fwmark", "0x8888", "to",
+            "1.2.3.0/24", "ipproto", "udp", "dport", "51820-51830", "sport", "5", "uidrange",
+            "0-0", "iif", "lo", "lookup", "1000")
+        run("ip", "-n", ns, "rule", "add", "pref", "11", "from", "10.9.0.0/24", "oif", "m0",
+            "goto", "20")
+        run("ip", "-n", ns, "route", "add", "default", "nexthop", "via", "10.9.0.2", "dev",
+            "m0", "nexthop", "via", "10.8.0.2", "dev", "m1")
+        rules, routes = state.rules(), state.main_routes()
+        links = {link.index: link.name for link in state.links()}
+    finally:
+        state.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    texts = [str(r) for r in rules if r.family == 4]
+    assert ("10: not from all to 1.2.3.0/24 fwmark 0x8888 iif lo uidrange 0-0 ipproto udp "
+            "sport 5 dport 51820-51830 lookup 1000") in texts
+    assert "11: from 10.9.0.0/24 oif m0 goto 20" in texts
+    (default,) = [r for r in routes if r.family == 4 and r.dst.prefixlen == 0]
+    assert (links[default.oif], default.gateway) == ("m0", "10.9.0.2")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from wgnest.model import Flow, RouteAnswer
+from wgnest.model.host import Flow, RouteAnswer
 from wgnest.sources.route_lookup import decode_route, encode_request
 
 EXPORTER = Path(__file__).resolve().parents[1] / "exporter"
@@ -116,7 +116,7 @@ def test_decode_route(body: bytes, want: RouteAnswer) -> None:
 
 SNIPPET = r"""
 import dataclasses, ipaddress, json, sys
-from wgnest.model import Flow
+from wgnest.model.host import Flow
 from wgnest.sources.route_lookup import RouteLookup
 
 IP = ipaddress.ip_address
@@ -211,3 +211,33 @@ def test_kernel_lookup_in_netns(netns: tuple[str, dict[str, int]]) -> None:
     # a 2000-flow batch (plus 100 duplicates) is answered flow by flow, in many round trips
     assert got["total"] == len(flows) + 2000
     assert got["batch"] == [[va1, 77] if i % 2 == 0 else [va0, 254] for i in range(2000)]
+
+
+class _BrokenEvents:
+    """An announcement socket whose every read fails the same way (not ENOBUFS)."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.reads, self.closed = code, 0, False
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        if self.reads > 1000:
+            raise AssertionError("the drain spins on a persistent error")
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("code", [5, 105])  # EIO; ENOBUFS without end
+def test_persistent_event_error_ends_the_drain_and_resubscribes(code: int) -> None:
+    from wgnest.sources.route_lookup import CachedRouteLookup
+
+    cached = CachedRouteLookup()
+    broken = _BrokenEvents(code)
+    cached._events = broken  # type: ignore[assignment]
+    assert cached._changed() is True  # nothing cached is trusted meanwhile
+    assert broken.reads <= 4
+    assert broken.closed
+    assert cached._events is None  # a fresh subscription next time
+    cached.close()

@@ -13,7 +13,7 @@ import pytest
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
-from wgnest.model import Device, Endpoint, Link
+from wgnest.model.host import Device, Endpoint, Link
 from wgnest.sources.errors import SourceError
 from wgnest.sources.wg_kernel import kernel_devices, merge_dump
 
@@ -211,7 +211,7 @@ def one_peer_dump() -> list[wgmsg]:
 def test_dump_interrupted_twice_is_retried() -> None:
     wg = FakeWG(NetlinkDumpInterrupted(), NetlinkDumpInterrupted(), one_peer_dump())
     devices, errors = kernel_devices([LINK], lambda: wg)
-    assert errors == {}
+    assert errors == []
     assert [(d.name, len(d.peers)) for d in devices] == [("wg0", 1)]
     assert (wg.calls, wg.closed) == (["wg0"] * 3, True)
 
@@ -225,7 +225,7 @@ def test_dump_interrupted_twice_is_retried() -> None:
 def test_device_errors(script: list[BaseException], calls: int, error: str) -> None:
     wg = FakeWG(*script)
     devices, errors = kernel_devices([LINK], lambda: wg)
-    assert (devices, errors) == ([], {"wg0": error})
+    assert (devices, [f"{e.reason}: {e}" for e in errors]) == ([], [error])
     assert (len(wg.calls), wg.closed) == (calls, True)
 
 
@@ -235,7 +235,7 @@ def test_one_device_failing_does_not_hide_the_others() -> None:
     devices, errors = kernel_devices([LINK, other, Link(9, "tun0", "tun", 1500, True)],
                                      lambda: wg)
     assert [(d.name, d.ifindex) for d in devices] == [("wg1", 8)]
-    assert list(errors) == ["wg0"]
+    assert [str(e).split(":")[0] for e in errors] == ["device wg0"]
     assert wg.calls == ["wg0", "wg1"]
 
 
@@ -247,8 +247,8 @@ def test_no_wireguard_links_never_opens_netlink() -> None:
         return FakeWG()
 
     links = [Link(1, "lo", "", 65536, True), Link(2, "tun0", "tun", 1500, True)]
-    assert kernel_devices(links, factory) == ([], {})
-    assert kernel_devices([], factory) == ([], {})
+    assert kernel_devices(links, factory) == ([], [])
+    assert kernel_devices([], factory) == ([], [])
     assert opened == []
 
 

@@ -3,25 +3,26 @@ transport flow and for each candidate fix. A failing source is recorded, never r
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wgnest.analysis.paths import fix_flows, transport_flows
-from wgnest.model import Device, Flow, RouteAnswer, Snapshot
+from wgnest.analysis.fixes import fix_flows
+from wgnest.analysis.flows import transport_flows
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Device, Flow, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
+from wgnest.sources.udp_sockets import udp_listen_ports
 from wgnest.sources.wg_kernel import kernel_devices, open_wireguard
 from wgnest.sources.wg_uapi import uapi_devices
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
-COLLECTORS = ("links", "rules", "wireguard_kernel", "wireguard_uapi", "route_lookup")
+COLLECTORS = ("links", "rules", "wireguard_kernel", "wireguard_uapi", "route_lookup",
+              "udp_sockets")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Reader:
     netstate: NetState = field(default_factory=NetState)
     lookup: CachedRouteLookup = field(default_factory=CachedRouteLookup)
     open_wg: Callable[[], Any] = open_wireguard
+    udp_ports: Callable[[], frozenset[tuple[int, int]]] = udp_listen_ports
 
     def close(self) -> None:
         self.netstate.close()
@@ -41,7 +43,7 @@ class Reader:
 
 class _Run:
     def __init__(self) -> None:
-        self.errors: dict[str, tuple[str, str]] = {}
+        self.failures: list[SourceFailure] = []
         self.durations: dict[str, float] = {}
 
     def timed(self, collector: str, fn: Callable[[], T]) -> T | None:
@@ -49,41 +51,35 @@ class _Run:
         try:
             return fn()
         except SourceError as exc:
-            self.fail(collector, exc.reason, str(exc))
+            self.failures.append(exc.failure(collector))
             return None
         finally:
             self.durations[collector] = self.durations.get(collector, 0.0) + (
                 time.monotonic() - start)
 
-    def fail(self, collector: str, reason: str, message: str) -> None:
-        if collector not in self.errors:
-            self.errors[collector] = (reason, message)
-
-    def device_errors(self, collector: str, errors: dict[str, str]) -> None:
-        for name, text in errors.items():
-            reason, _, message = text.partition(": ")
-            self.fail(collector, reason, f"{name}: {message}")
+    def each(self, collector: str, errors: list[SourceError]) -> None:
+        self.failures.extend(exc.failure(collector) for exc in errors)
 
 
 def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     run = _Run()
     links = run.timed("links", reader.netstate.links) or []
     rules = run.timed("rules", reader.netstate.rules) or []
-    defaults = run.timed("rules", reader.netstate.defaults) or []
+    routes = run.timed("rules", reader.netstate.main_routes) or []
     kdevs, kerr = run.timed(
-        "wireguard_kernel", lambda: kernel_devices(links, reader.open_wg)) or ([], {})
-    run.device_errors("wireguard_kernel", kerr)
-    skip = {d.name for d in kdevs} | set(kerr)
+        "wireguard_kernel", lambda: kernel_devices(links, reader.open_wg)) or ([], [])
+    run.each("wireguard_kernel", kerr)
+    skip = {link.name for link in links if link.kind == "wireguard"}
     udevs, uerr = run.timed("wireguard_uapi", lambda: uapi_devices(
-        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], {})
-    run.device_errors("wireguard_uapi", uerr)
+        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], [])
+    run.each("wireguard_uapi", uerr)
     devices: tuple[Device, ...] = tuple(sorted(kdevs + udevs, key=lambda d: d.name))
+    # Only kernel devices keep their socket where they were made (see HostView).
+    ports = run.timed("udp_sockets", reader.udp_ports) if kdevs else None
     lookups: dict[Flow, RouteAnswer] = run.timed(
         "route_lookup", lambda: reader.lookup.lookup(transport_flows(devices))) or {}
-    snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(defaults), lookups)
+    snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(routes), lookups, ports)
     # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
     fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}
-    for collector, (reason, message) in run.errors.items():
-        log.debug("source %s failed (%s): %s", collector, reason, message)
-    return dataclasses.replace(snap, lookups={**lookups, **fixes}, errors=run.errors,
-                               durations=run.durations)
+    return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.main_routes,
+                    {**lookups, **fixes}, ports, tuple(run.failures), run.durations)

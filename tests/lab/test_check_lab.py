@@ -85,7 +85,7 @@ def test_fwmark_on_site_tunnel_is_clean(lab: Lab) -> None:
 def test_fix_applied_at_runtime_clears_nesting(lab: Lab) -> None:
     _w0, w1 = _seed(lab)
     code, doc = lab.check_json()
-    fix = _peer(doc, w1)["fix"]["command"]
+    fix = _peer(doc, w1)["fix"]["commands"][0]
     assert code == 2
     run(*fix.split(), ns=lab.client.ns)  # the fix is a command line, run verbatim
     code, doc = lab.check_json()
@@ -142,9 +142,9 @@ def test_main_table_route_of_another_tunnel_captures_endpoint(lab: Lab) -> None:
     assert inner["table"] == "main"
     fix = inner["fix"]
     assert fix["kind"] == "route"
-    assert fix["command"] == (
+    assert fix["commands"][0] == (
         f"ip route add {s2.host.v4}/32 via {lab.client.router_v4} dev {lab.client.dev}")
-    run(*fix["command"].split(), ns=lab.client.ns)
+    run(*fix["commands"][0].split(), ns=lab.client.ns)
     code, doc = lab.check_json()
     assert code == 0
     assert _peer(doc, w1)["verdict"] == "direct"
@@ -163,11 +163,11 @@ def test_split_default_routes_loop_the_tunnel_into_itself(lab: Lab) -> None:
     assert own["verdict"] == "loop"
     assert own["egress"] == w0
     assert own["fix"]["kind"] == "route"
-    assert own["fix"]["command"] == (
+    assert own["fix"]["commands"][0] == (
         f"ip route add {s1.host.v4}/32 via {lab.client.router_v4} dev {lab.client.dev}")
     assert _peer(doc, w1)["verdict"] == "nested"
     assert not lab.ping(lab.client.ns, s1.tunnel_v4)  # the loop really kills the tunnel
-    run(*own["fix"]["command"].split(), ns=lab.client.ns)
+    run(*own["fix"]["commands"][0].split(), ns=lab.client.ns)
     code, doc = lab.check_json()
     assert _peer(doc, w0)["verdict"] == "direct"
     assert _peer(doc, w1)["verdict"] == "nested"  # still inside wg0, as its AllowedIPs say

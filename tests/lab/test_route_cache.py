@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.lab.lab import in_netns, run
-from wgnest.model import Flow
+from wgnest.model.host import Flow
 from wgnest.sources.route_lookup import CachedRouteLookup, RouteLookup
 
 pytestmark = pytest.mark.lab

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.lab.lab import Lab, http_get
+from tests.lab.lab import Lab, http_get, run
 
 pytestmark = pytest.mark.lab
 URL = "http://127.0.0.1:9586"
@@ -143,3 +143,31 @@ def test_status_page_in_headless_chromium(lab: Lab) -> None:
     assert shot.exists()
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank image
+
+
+def test_one_filtered_probe_target_is_not_a_failing_prober(lab: Lab) -> None:
+    """A netfilter OUTPUT drop makes sendto() fail with EPERM for one target: that target's
+    probes are lost and counted, the prober stays healthy and the page never turns UNKNOWN
+    with a permission hint (the landed code did both)."""
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    lab.client_tunnel(0, s1, "0.0.0.0/0")
+    w1 = lab.client_tunnel(1, s2, "10.202.0.0/24", extra="FwMark = 51820")
+    run("nft", "-f", "-", ns=lab.client.ns, input=(
+        "table inet wnfilter {\n chain out {\n  type filter hook output priority 0;\n"
+        f"  ip daddr {s2.tunnel_v4} icmp type echo-request drop\n }}\n}}\n"))
+    assert not lab.ping(lab.client.ns, s2.tunnel_v4)  # the kernel refuses it: sendto EPERM
+    lab.serve("--refresh.interval", "0.5", "--probe.target", f"{w1}={s2.tunnel_v4}")
+    _text, samples = wait_for(lab, lambda t, s: 'path="tunnel"' in t and value(
+        s, "wireguard_probe_packets_sent_total", device=w1, path="tunnel") >= 2)
+    assert value(samples, "wireguard_probe_packets_sent_total", device=w1, path="tunnel") >= 2
+    assert value(samples, "wireguard_probe_packets_received_total", device=w1,
+                 path="tunnel") == 0
+    assert value(samples, "wireguard_probe_packets_received_total", device=w1,
+                 path="transport") >= 1  # the other paths are probed as usual
+    assert value(samples, "wgnest_collector_success", collector="probe") == 1
+    status, page = http_get(lab.client.ns, URL + "/")
+    html = page.decode()
+    assert status == 200
+    assert "UNKNOWN" not in html
+    assert "CAP_NET_ADMIN" not in html
+    assert '<div class="banner b0">OK' in html

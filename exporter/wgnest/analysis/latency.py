@@ -8,7 +8,10 @@ make single spikes and noise harmless; loss (missing samples) never flags anythi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from wgnest.model.probes import ProbeSnapshot, SeriesSnapshot
 
 
 def _finite(values: Sequence[float]) -> list[float]:
@@ -75,3 +78,45 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
                           f"its baseline {_ms(base_med)} (+{_ms(excess)})")
         notes.append(f"baseline {_ms(base_med)}")
     return False, "ok: " + ", ".join(notes)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLatency:
+    device: str
+    public_key: str
+    median: Mapping[str, float | None]  # path -> median recent RTT (seconds); probed paths only
+    loss: Mapping[str, float | None]  # path -> lost fraction of the recent window
+    real_path: str  # "tunnel" when probed, else "transport"; "" if neither is
+    ratio: float | None  # median(real) / median(direct)
+    anomaly: bool
+    reason: str
+
+
+def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio: float = 1.5,
+                   min_excess: float = 0.005) -> dict[tuple[str, str], PeerLatency]:
+    """Medians, loss and the anomaly verdict of each (device, public_key), for `wgnest
+    check` and the status page. The series are grouped by peer once (scanning them per
+    peer would be quadratic in the peers)."""
+    grouped: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
+    for key, s in snap.series.items():
+        grouped.setdefault((key[0], key[1]), {})[key[2]] = s
+    return {(device, public_key): peer_verdict(device, public_key,
+                                           grouped.get((device, public_key), {}), ratio,
+                                           min_excess)
+            for device, public_key in peers}
+
+
+def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot], ratio: float,
+             min_excess: float) -> PeerLatency:
+    real, direct = paths.get("tunnel") or paths.get("transport"), paths.get("direct")
+    if real is None:
+        flag, reason = False, "no tunnel or transport probe"
+        value = None
+    else:
+        flag, reason = latency_anomaly(real.recent, direct.recent if direct else (),
+                                       real.baseline, ratio=ratio, min_excess=min_excess)
+        value = overhead_ratio(real.recent, direct.recent) if direct else None
+    return PeerLatency(device, public_key,
+                       {p: median(s.recent) for p, s in sorted(paths.items())},
+                       {p: s.loss for p, s in sorted(paths.items())},
+                       real.target.path if real else "", value, flag, reason)

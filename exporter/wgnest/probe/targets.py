@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 
+from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PeerPath
-from wgnest.model import IPAddress, Snapshot, peer_index
-from wgnest.probe.prober import ProbeTarget
+from wgnest.model.host import IPAddress, Snapshot, peer_index
+from wgnest.model.probes import ProbeTarget
 
 # (device, public key or "") -> address inside the tunnel
 Explicit = Mapping[tuple[str, str], IPAddress]
@@ -29,7 +30,8 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit
                   ) -> list[ProbeTarget]:
     """Per peer with an endpoint: `tunnel` (explicit target, else its single-host allowed IP),
     `transport` (the endpoint with the device's own mark, as its UDP packets go) and
-    `direct` (the endpoint with the kernel-verified fix mark; else the device's mark)."""
+    `direct` (the endpoint as the fix would send it: with the kernel-verified fix mark, or
+    bound to the underlay device a route or rule fix uses; else the device's own path)."""
     peers = peer_index(snap)
     out: list[ProbeTarget] = []
     for p in paths:
@@ -46,7 +48,10 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit
             continue
         address = peer.endpoint.address
         out.append(ProbeTarget(p.device, p.public_key, "transport", address, device.fwmark))
-        fixed = p.fix is not None and p.fix.kind == "fwmark" and p.fix.verified
-        mark = p.fix.fwmark if fixed and p.fix is not None else device.fwmark
-        out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark))
+        mark, bind = device.fwmark, ""
+        if p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified:
+            mark = p.fix.fwmark
+        elif p.fix is not None and p.fix.resulting_egress:
+            bind = p.fix.resulting_egress  # the kernel then skips routes via other devices
+        out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark, bind))
     return out

@@ -1,48 +1,21 @@
-"""Probe flags and wiring shared by `wgnest check` and `wgnest serve`."""
+"""The prober as `wgnest check` and `wgnest serve` run it: targets from the newest
+snapshot, and a one-shot measurement for `check`."""
 
 from __future__ import annotations
 
 import argparse
-import re
+import logging
+import time
 from collections.abc import Callable, Sequence
 
+from wgnest.analysis.latency import PeerLatency, peer_latencies
 from wgnest.analysis.paths import PeerPath
-from wgnest.model import IPAddress, Snapshot
-from wgnest.probe.prober import Prober, ProbeSnapshot, ProbeTarget
-from wgnest.probe.targets import parse_probe_target, probe_targets
-from wgnest.runtime.refresher import Status
+from wgnest.model.host import Snapshot
+from wgnest.model.probes import ProbeSnapshot, ProbeTarget
+from wgnest.probe.prober import Prober
+from wgnest.probe.targets import probe_targets
 
-UNITS = {"ms": 0.001, "s": 1.0, "": 1.0}
-
-
-def duration(value: str) -> float:
-    """`5ms`, `1.5s` or `0.005` (seconds) -> seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|)\s*", value)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a duration (e.g. 5ms, 1s)")
-    return float(m[1]) * UNITS[m[2]]
-
-
-def _target(value: str) -> tuple[tuple[str, str], IPAddress]:
-    try:
-        return parse_probe_target(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_probe_arguments(p: argparse.ArgumentParser, interval: float) -> None:
-    p.add_argument("--probe.enabled", dest="probe", action=argparse.BooleanOptionalAction,
-                   default=True, help="measure latency per tunnel with ICMP echo")
-    p.add_argument("--probe.interval", dest="probe_interval", type=duration, default=interval)
-    p.add_argument("--probe.timeout", dest="probe_timeout", type=duration, default=1.0)
-    p.add_argument("--probe.target", dest="probe_targets", action="append", type=_target,
-                   default=[], metavar="DEVICE[:PUBKEY]=IP",
-                   help="address inside the tunnel to probe (default: the peer's single-host "
-                        "allowed IP, when it has one)")
-    p.add_argument("--anomaly.ratio", dest="anomaly_ratio", type=float, default=1.5,
-                   help="flag a peer whose tunnel RTT is this many times the direct RTT")
-    p.add_argument("--anomaly.min-excess", dest="anomaly_min_excess", type=duration,
-                   default=0.005, help="... and at least this much slower (default 5ms)")
+log = logging.getLogger(__name__)
 
 
 def make_prober(args: argparse.Namespace,
@@ -62,8 +35,22 @@ def make_prober(args: argparse.Namespace,
     return Prober(targets, interval=args.probe_interval, timeout=args.probe_timeout)
 
 
-def probe_status(snap: ProbeSnapshot) -> Status:
-    """Failure of the prober as a whole; an unreachable endpoint is the peer's problem."""
-    if snap.ok or snap.reason in ("", "unreachable") or (snap.rounds == 0 and not snap.reason):
-        return Status("", "", snap.round_seconds)
-    return Status(snap.reason, snap.message, snap.round_seconds)
+def measure_latency(args: argparse.Namespace, snap: Snapshot, paths: list[PeerPath]
+                    ) -> tuple[dict[tuple[str, str], PeerLatency] | None, ProbeSnapshot | None]:
+    """Probe every path `--probe.count` times, then judge each peer's latency."""
+    prober = make_prober(args, lambda: (snap, paths))
+    if prober.disabled_reason:
+        log.warning("latency not measured: %s", prober.disabled_reason)
+        return None, None
+    try:
+        for i in range(max(1, args.probe_count)):
+            if i:
+                time.sleep(args.probe_interval)
+            prober.run_once()
+        probes = prober.snapshot()
+    finally:
+        prober.stop()
+    if not probes.series:
+        return None, probes
+    return peer_latencies(probes, [(p.device, p.public_key) for p in paths],
+                          args.anomaly_ratio, args.anomaly_min_excess), probes

@@ -1,35 +1,33 @@
 """The periodic scraper: refreshes the snapshot in the background and keeps the latest
-diagnosis and its rendered exposition, so a scrape only copies bytes."""
+diagnosis and its rendered exposition, so a scrape only copies bytes.
+
+The exposition is the snapshot's families (kept from the last refresh that worked), the
+prober's (rendered with each refresh), then the exporter's own health, rendered on every
+attempt: a refresh that fails shows as `wgnest_collector_success{collector="refresh"} 0`
+while the snapshot timestamp stops, never as a healthy exporter serving old data.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import logging
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from wgnest.analysis.paths import PeerPath, diagnose
-from wgnest.model import Snapshot
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Snapshot
+from wgnest.model.probes import ProbeSnapshot
+from wgnest.periodic import Periodic
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
-from wgnest.surfaces.metrics import SnapshotCollector
+from wgnest.surfaces.metrics import Health, SnapshotCollector, exporter_families
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Status:
-    """How a collector that runs elsewhere did: reason "" means it works."""
-
-    reason: str = ""
-    message: str = ""
-    duration: float = 0.0
 
 
 @contextlib.contextmanager
@@ -52,12 +50,13 @@ def _gc_paused() -> Iterator[None]:
 class State:
     snapshot: Snapshot
     paths: list[PeerPath]
-    exposition: bytes
+    probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
+    body: bytes  # the WireGuard and probe families
+    exposition: bytes  # body + the exporter's health families
 
 
-def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str],
-           errors_total: Mapping[str, int], collectors: Sequence[str] = COLLECTORS) -> bytes:
-    return exposition(SnapshotCollector(snap, paths, names, errors_total, collectors).collect())
+def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> bytes:
+    return exposition(SnapshotCollector(snap, paths, names).collect())
 
 
 def _return_free_memory() -> None:
@@ -72,6 +71,8 @@ try:
 except OSError:  # not glibc
     _LIBC = None
 
+ProbeRender = Callable[[ProbeSnapshot], bytes]
+
 
 class Refresher:
     """Calls `take()` every `interval` seconds on its own thread."""
@@ -79,18 +80,18 @@ class Refresher:
     def __init__(self, take: Callable[[], Snapshot], interval: float,
                  allow: Collection[tuple[str, str]] = (),
                  names: Callable[[], Mapping[str, str]] = dict,
-                 extra: Callable[[], Mapping[str, Status]] | None = None,
-                 extra_metrics: Callable[[], bytes] | None = None) -> None:
-        """`extra` reports collectors that run elsewhere (the prober): name -> status;
-        `extra_metrics` renders their metrics, appended to each refresh's exposition."""
+                 probes: Callable[[], ProbeSnapshot] | None = None,
+                 probe_metrics: ProbeRender | None = None) -> None:
+        """`probes` reads the prober's state (it runs beside, not inside, the snapshot);
+        `probe_metrics` renders it, appended to each refresh's exposition."""
         self._take, self._interval, self._allow, self._names = take, interval, allow, names
-        self._extra, self._extra_metrics = extra, extra_metrics
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._probes, self._probe_metrics = probes, probe_metrics
+        self._loop = Periodic("wgnest-refresh", interval, self.refresh_once, self._failed)
         self._lock = threading.Lock()
         self._state: State | None = None
         self._errors_total: Counter[str] = Counter()
-        self._logged: dict[str, tuple[str, str]] = {}
+        self._logged: dict[tuple[str, str], str] = {}  # (collector, message) -> reason
+        self._collectors = (*COLLECTORS, *(("probe",) if probes else ()), "refresh")
 
     @property
     def state(self) -> State | None:
@@ -107,49 +108,53 @@ class Refresher:
 
     def _build(self) -> State:
         snap = self._take()
-        collectors = list(COLLECTORS)
-        if self._extra is not None:
-            errors, durations = dict(snap.errors), dict(snap.durations)
-            for name, status in self._extra().items():
-                collectors.append(name)
-                durations[name] = status.duration
-                if status.reason:
-                    errors[name] = (status.reason, status.message)
-            snap = dataclasses.replace(snap, errors=errors, durations=durations)
         paths = diagnose(snap, self._allow)
-        self._note_errors(snap)
-        exposition = render(snap, paths, self._names(), self._errors_total, collectors)
-        if self._extra_metrics is not None:
-            try:
-                exposition += self._extra_metrics()
-            except Exception:  # their bug must not cost the other metrics
-                log.exception("rendering extra metrics failed")
-        return State(snap, paths, exposition)
+        probes = self._probes() if self._probes is not None else None
+        body = render(snap, paths, self._names())
+        if probes is not None and self._probe_metrics is not None:
+            body += self._probe_metrics(probes)
+        failures = (*snap.failures, *([probes.failure] if probes and probes.failure else []))
+        durations = dict(snap.durations)
+        if probes is not None:
+            durations["probe"] = probes.round_seconds
+        return State(snap, paths, probes, body, body + self._health(snap, failures, durations))
 
-    def _note_errors(self, snap: Snapshot) -> None:
-        for collector, (reason, message) in snap.errors.items():
-            self._errors_total[reason] += 1
-            if self._logged.get(collector) != (reason, message):
-                log.warning("source %s failed (%s): %s", collector, reason, message)
-        for collector in set(self._logged) - set(snap.errors):
-            log.info("source %s recovered", collector)
-        self._logged = dict(snap.errors)
+    def _health(self, snap: Snapshot, failures: tuple[SourceFailure, ...],
+                durations: Mapping[str, float]) -> bytes:
+        self._note(failures)
+        health = Health(self._collectors, failures, durations, self._errors_total,
+                        self._interval)
+        return exposition(exporter_families(snap.taken_at, health))
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.refresh_once()
-            except Exception:
-                log.exception("refresh failed")
-                self._errors_total["other"] += 1
-            self._stop.wait(max(0.0, self._interval - (time.monotonic() - started)))
+    def _note(self, failures: tuple[SourceFailure, ...]) -> None:
+        """Count every failure; log one line when a failure starts or changes, one when it
+        ends (never one per refresh while it lasts)."""
+        now = {(f.collector, f.message): f.reason for f in failures}
+        for f in failures:
+            self._errors_total[f.reason] += 1
+            if (f.collector, f.message) not in self._logged:
+                log.warning("%s", f)
+        for collector in {c for c, _ in self._logged} - {c for c, _ in now}:
+            log.info("%s recovered", collector)
+        self._logged = now
+
+    def _failed(self, exc: Exception) -> None:
+        """A refresh that raised (a defect, not a source failure): the previous snapshot's
+        families stay, the health says the refresh failed and the timestamp stops."""
+        failure = SourceFailure("refresh", "other", f"{type(exc).__name__}: {exc}")
+        if ("refresh", failure.message) not in self._logged:
+            log.debug("refresh failed", exc_info=exc)
+        with self._lock:
+            old = self._state
+        snap = old.snapshot if old is not None else Snapshot(0.0)
+        health = self._health(snap, (failure,), {})
+        state = State(snap, old.paths if old else [], old.probes if old else None,
+                      old.body if old else b"", (old.body if old else b"") + health)
+        with self._lock:
+            self._state = state
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="wgnest-refresh", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)

@@ -10,48 +10,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 
+from wgnest.analysis.latency import peer_latencies
 from wgnest.analysis.paths import PeerPath
-from wgnest.model import Snapshot
-from wgnest.probe.prober import Prober, ProbeSnapshot
-from wgnest.runtime.probing import add_probe_arguments, make_prober, probe_status
-from wgnest.runtime.refresher import Refresher, Status
+from wgnest.model.host import Snapshot
+from wgnest.model.probes import ProbeSnapshot
+from wgnest.probe.prober import Prober
+from wgnest.runtime.probing import make_prober
+from wgnest.runtime.refresher import Refresher
 from wgnest.runtime.web import serve
 from wgnest.runtime.webconfig import WebConfigError, load_web_config
 from wgnest.snapshot import Reader, take
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
 from wgnest.surfaces import status_page
 from wgnest.surfaces.exposition import exposition
-from wgnest.surfaces.probe_metrics import peer_latencies, probe_families
+from wgnest.surfaces.probe_metrics import probe_families
 
 log = logging.getLogger("wgnest")
-
-
-def add_serve_arguments(p: argparse.ArgumentParser,
-                        common: Callable[[argparse.ArgumentParser], None]) -> None:
-    common(p)
-    p.add_argument("--web.listen-address", dest="listen", default=":9586",
-                   help="address to listen on (default :9586)")
-    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics")
-    p.add_argument("--web.config.file", dest="web_config", type=Path, default=None,
-                   help="exporter-toolkit web config (TLS, basic auth)")
-    p.add_argument("--refresh.interval", dest="refresh_interval", type=_positive, default=5.0,
-                   help="seconds between snapshots (default 5)")
-    p.add_argument("--wireguard.peer-file", dest="peer_file", type=Path, default=None,
-                   help="TOML file of peer names ([[peer]] public_key, name)")
-    add_probe_arguments(p, interval=1.0)
-
-
-def _positive(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
-    return number
 
 
 class _Pages:
@@ -61,9 +37,6 @@ class _Pages:
                  prober: Prober | None) -> None:
         self.args, self.refresher, self.names, self.prober = args, refresher, names, prober
 
-    def _probe_snapshot(self) -> ProbeSnapshot | None:
-        return self.prober.snapshot() if self.prober is not None else None
-
     def metrics(self) -> bytes:
         """Rendered by the refresher (probe metrics included): a scrape copies bytes."""
         state = self.refresher.state
@@ -71,30 +44,22 @@ class _Pages:
 
     def status_page(self) -> str:
         state = self.refresher.state
-        probes = self._probe_snapshot()
-        latency = {} if state is None or probes is None else peer_latencies(
-            probes, [(p.device, p.public_key) for p in state.paths], self.args.anomaly_ratio,
-            self.args.anomaly_min_excess)
         if state is None:
             return status_page.render(None, [], self.names, self.args.telemetry_path)
+        probes = self.prober.snapshot() if self.prober is not None else None
+        latency = {} if probes is None else peer_latencies(
+            probes, [(p.device, p.public_key) for p in state.paths], self.args.anomaly_ratio,
+            self.args.anomaly_min_excess)
         return status_page.render(state.snapshot, state.paths, self.names,
-                                  self.args.telemetry_path, latency)
+                                  self.args.telemetry_path, latency,
+                                  probes.failure if probes is not None else None)
 
 
-def _probe_hooks(prober: Prober | None, args: argparse.Namespace
-                 ) -> tuple[Callable[[], dict[str, Status]] | None, Callable[[], bytes] | None]:
-    """The prober's collector status and its metrics, read by each refresh."""
-    if prober is None:
-        return None, None
+def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot], bytes]:
+    def render(probes: ProbeSnapshot) -> bytes:
+        return exposition(probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess))
 
-    def status() -> dict[str, Status]:
-        return {"probe": probe_status(prober.snapshot())}
-
-    def metrics() -> bytes:
-        return exposition(probe_families(prober.snapshot(), args.anomaly_ratio,
-                                         args.anomaly_min_excess))
-
-    return status, metrics
+    return render
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -123,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if prober.disabled_reason:
             log.warning("latency probes are off: %s", prober.disabled_reason)
     refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
-                          lambda: names, *_probe_hooks(prober, args))
+                          lambda: names, prober.snapshot if prober is not None else None,
+                          _probe_metrics(args))
     refresher.refresh_once()
     pages = _Pages(args, refresher, names, prober)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 
-REASONS = ("timeout", "refused", "parse", "errno", "eperm", "enodev", "dump_intr", "other")
+from wgnest.model.failures import REASONS, SourceFailure
 
 
 class SourceError(Exception):
@@ -13,6 +13,9 @@ class SourceError(Exception):
     def __init__(self, message: str, reason: str = "other") -> None:
         super().__init__(message)
         self.reason = reason if reason in REASONS else "other"
+
+    def failure(self, collector: str) -> SourceFailure:
+        return SourceFailure(collector, self.reason, " ".join(str(self).split()))
 
 
 def reason_for_errno(code: int | None) -> str:

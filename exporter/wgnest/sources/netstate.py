@@ -1,15 +1,16 @@
-"""Links, policy rules and main-table default routes, read with pyroute2."""
+"""Links, policy rules (every selector) and the main table, read with pyroute2."""
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from wgnest.model import DefaultRoute, Link, Rule
+from wgnest.model.host import IPNetwork, Link, MainRoute, Rule
 from wgnest.sources.errors import SourceError, reason_for_errno
 
 IFF_UP = 0x1
@@ -68,15 +69,11 @@ class NetState:
             out.extend(rule_from_msg(version, msg) for msg in msgs)
         return sorted(out, key=lambda r: (r.family, r.priority))
 
-    def defaults(self) -> list[DefaultRoute]:
-        out = []
+    def main_routes(self) -> list[MainRoute]:
+        out: list[MainRoute] = []
         for version, family in FAMILIES.items():
             msgs = self._dump("route", functools.partial(_get_main_routes, family=family))
-            for msg in msgs:
-                if msg["dst_len"] != 0 or msg["type"] != 1:
-                    continue
-                out.append(DefaultRoute(version, msg.get_attr("RTA_OIF") or 0,
-                                        msg.get_attr("RTA_GATEWAY") or ""))
+            out.extend(r for msg in msgs if (r := route_from_msg(version, msg)) is not None)
         return out
 
 
@@ -88,8 +85,49 @@ def _get_main_routes(ipr: Any, family: int) -> Any:
     return ipr.get_routes(family=family, table=RT_TABLE_MAIN)
 
 
+def route_from_msg(version: int, msg: Any) -> MainRoute | None:
+    """A main-table route; a multipath one by its first next hop (RTA_MULTIPATH)."""
+    dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if version == 4 else "::")
+    try:
+        net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
+    except ValueError:
+        return None
+    oif, gateway = msg.get_attr("RTA_OIF") or 0, msg.get_attr("RTA_GATEWAY") or ""
+    hops = msg.get_attr("RTA_MULTIPATH") or []
+    if not oif and hops:
+        first = hops[0]
+        oif = first.get("oif", 0) or 0
+        gateway = first.get_attr("RTA_GATEWAY") or ""
+    return MainRoute(net, int(oif), str(gateway), int(msg["type"]))
+
+
+def _range(value: Any) -> tuple[int, int] | None:
+    """pyroute2 decodes port and uid ranges as "low:high"."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        low, _, high = value.partition(":")
+        try:
+            return int(low), int(high or low)
+        except ValueError:
+            return None
+    low, high = value.get("start"), value.get("end")
+    return (int(low), int(high)) if low is not None and high is not None else None
+
+
+def _selector_net(msg: Any, attr: str, length: int, version: int) -> IPNetwork | None:
+    addr = msg.get_attr(attr)
+    if not length or addr is None:
+        return None
+    try:
+        return ipaddress.ip_network(f"{addr}/{length}", strict=False)
+    except ValueError:
+        return None
+
+
 def rule_from_msg(version: int, msg: Any) -> Rule:
     suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
+    ifgroup = msg.get_attr("FRA_SUPPRESS_IFGROUP")
     return Rule(
         family=version,
         priority=msg.get_attr("FRA_PRIORITY") or 0,
@@ -99,4 +137,16 @@ def rule_from_msg(version: int, msg: Any) -> Rule:
         fwmask=msg.get_attr("FRA_FWMASK") or 0,
         invert=bool(msg["flags"] & FIB_RULE_INVERT),
         suppress_prefixlength=-1 if suppress in (None, 0xFFFFFFFF) else suppress,
+        suppress_ifgroup=-1 if ifgroup in (None, 0xFFFFFFFF) else ifgroup,
+        src=_selector_net(msg, "FRA_SRC", msg["src_len"], version),
+        dst=_selector_net(msg, "FRA_DST", msg["dst_len"], version),
+        iif=msg.get_attr("FRA_IIFNAME") or "",
+        oif=msg.get_attr("FRA_OIFNAME") or "",
+        tos=msg["tos"] or 0,
+        ipproto=msg.get_attr("FRA_IP_PROTO") or 0,
+        sport=_range(msg.get_attr("FRA_SPORT_RANGE")),
+        dport=_range(msg.get_attr("FRA_DPORT_RANGE")),
+        uid=_range(msg.get_attr("FRA_UID_RANGE")),
+        l3mdev=bool(msg.get_attr("FRA_L3MDEV")),
+        goto=msg.get_attr("FRA_GOTO") or 0,
     )

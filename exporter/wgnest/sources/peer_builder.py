@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wgnest.model import Endpoint, IPNetwork, Peer
+from wgnest.model.host import Endpoint, IPNetwork, Peer
 
 
 @dataclass

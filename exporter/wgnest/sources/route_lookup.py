@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 
-from wgnest.model import Flow, RouteAnswer
+from wgnest.model.host import Flow, RouteAnswer
 from wgnest.sources.errors import SourceError, reason_for_errno
 
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
@@ -195,7 +195,7 @@ class CachedRouteLookup:
             sock = self._subscribe()
         except OSError:
             return True  # cannot listen: never trust the cache
-        changed = False
+        changed, overflows = False, 0
         while True:
             try:
                 if not sock.recv(1 << 16):
@@ -203,8 +203,15 @@ class CachedRouteLookup:
                 changed = True
             except BlockingIOError:
                 return changed
-            except OSError:  # ENOBUFS: announcements were dropped, assume a change
-                changed = True
+            except OSError as exc:
+                overflows += 1
+                if exc.errno == errno.ENOBUFS and overflows <= 3:
+                    changed = True  # announcements were dropped: assume a change, read on
+                    continue
+                # any other error (or overflow without end) could repeat forever:
+                # resubscribe on the next lookup, and trust nothing cached meanwhile
+                self._unsubscribe()
+                return True
 
     def lookup(self, flows: Iterable[Flow]) -> dict[Flow, RouteAnswer]:
         wanted = dict.fromkeys(flows)
@@ -220,9 +227,12 @@ class CachedRouteLookup:
             cache.update(self._lookup.lookup(missing))
         return {f: answer for f in wanted if (answer := cache.get(f)) is not None}
 
-    def close(self) -> None:
-        self._lookup.close()
+    def _unsubscribe(self) -> None:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+    def close(self) -> None:
+        self._lookup.close()
+        self._unsubscribe()
         self._cache.clear()

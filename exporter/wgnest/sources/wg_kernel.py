@@ -15,7 +15,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
-from wgnest.model import Device, Endpoint, Link
+from wgnest.model.host import Device, Endpoint, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
 from wgnest.sources.peer_builder import PeerBuilder
 
@@ -78,24 +78,24 @@ def open_wireguard() -> Any:
 
 def kernel_devices(
     links: Sequence[Link], open_wg: Callable[[], Any] = open_wireguard
-) -> tuple[list[Device], dict[str, str]]:
-    """Read every link of kind `wireguard`. Returns (devices, errors by device name)."""
+) -> tuple[list[Device], list[SourceError]]:
+    """Read every link of kind `wireguard`. Returns (devices, one error per unreadable one)."""
     wg_links = [link for link in links if link.kind == "wireguard"]
     if not wg_links:
-        return [], {}
+        return [], []
     try:
         wg = open_wg()
     except (OSError, NetlinkError) as exc:  # no genl family 'wireguard', or no permission
         raise SourceError(f"wireguard generic netlink unavailable: {exc}",
                           reason_for_errno(getattr(exc, "code", None) or exc.errno)) from None
     devices: list[Device] = []
-    errors: dict[str, str] = {}
+    errors: list[SourceError] = []
     try:
         for link in wg_links:
             try:
                 devices.append(_read_one(wg, link))
             except SourceError as exc:
-                errors[link.name] = f"{exc.reason}: {exc}"
+                errors.append(exc)
     finally:
         wg.close()
     return devices, errors

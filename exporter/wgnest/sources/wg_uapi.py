@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from wgnest.model import Device, Endpoint, IPNetwork, Link
+from wgnest.model.host import Device, Endpoint, IPNetwork, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
 from wgnest.sources.peer_builder import PeerBuilder
 
@@ -327,11 +327,11 @@ def _sockets(sock_dir: Path) -> list[tuple[str, Path]]:
 
 
 def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: float = 1.0,
-                 skip: Collection[str] = ()) -> tuple[list[Device], dict[str, str]]:
-    """Read every userspace device of this netns; errors maps name -> "reason: message"."""
+                 skip: Collection[str] = ()) -> tuple[list[Device], list[SourceError]]:
+    """Read every userspace device of this netns; one error per device that failed."""
     by_name = {link.name: link for link in links}
     devices: list[Device] = []
-    errors: dict[str, str] = {}
+    errors: list[SourceError] = []
     for name, path in _sockets(sock_dir):
         link = by_name.get(name)
         if name in skip or link is None:
@@ -340,8 +340,8 @@ def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: floa
         try:
             device = _read_device(path, link, timeout)
         except SourceError as exc:
-            errors[name] = f"{exc.reason}: " + " ".join(str(exc).split())
-            log.debug("userspace device %s: %s", name, errors[name])
+            errors.append(exc)
+            log.debug("userspace device %s (%s): %s", name, exc.reason, exc)
             continue
         if device is not None:
             devices.append(device)

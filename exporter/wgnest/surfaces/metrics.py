@@ -6,15 +6,16 @@ Names follow mdlayher/wireguard_exporter where they overlap, so existing dashboa
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wgnest import __version__
-from wgnest.analysis.paths import LOOP, NESTED, PeerPath
-from wgnest.model import IPNetwork, Peer, Snapshot
-from wgnest.snapshot import COLLECTORS
-from wgnest.sources.errors import REASONS
+from wgnest.analysis.fixes import FixKind
+from wgnest.analysis.paths import PathVerdict, PeerPath
+from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
+from wgnest.model.host import IPNetwork, Peer, Snapshot
 
 DP = ["device", "public_key"]
 
@@ -105,51 +106,64 @@ def path_families(paths: Sequence[PeerPath]) -> Iterator[Metric]:
         labels = [p.device, p.public_key]
         if p.endpoint and p.egress:
             route.add_metric([*labels, p.endpoint, p.egress, p.table, p.gateway], 1)
-        is_nested = p.verdict == NESTED
+        is_nested = p.verdict == PathVerdict.NESTED
         nested.add_metric([*labels, p.outer if is_nested else ""], int(is_nested))
-        loop.add_metric(labels, int(p.verdict == LOOP))
+        loop.add_metric(labels, int(p.verdict == PathVerdict.LOOP))
         allowed.add_metric(labels, int(p.allowed))
-        verified = p.fix is not None and p.fix.kind == "fwmark" and p.fix.verified
+        verified = p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified
         fwmark.add_metric(labels, p.fix.fwmark if p.fix is not None and verified else 0)
         mtu.add_metric(labels, p.mtu.cost_bytes if p.mtu is not None and is_nested else 0)
     yield from (route, nested, loop, allowed, fwmark, mtu)
 
 
-def exporter_families(snap: Snapshot, errors_total: Mapping[str, int],
-                      collectors: Sequence[str] = COLLECTORS) -> Iterator[Metric]:
+@dataclass(frozen=True)
+class Health:
+    """How the exporter's own collectors did in the last refresh attempt: the snapshot's
+    sources, the prober beside it, and the refresh itself."""
+
+    collectors: tuple[str, ...]
+    failures: tuple[SourceFailure, ...]
+    durations: Mapping[str, float]
+    errors_total: Mapping[str, int]  # reason -> failures since start
+    refresh_interval: float
+
+
+def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
     success = GaugeMetricFamily("wgnest_collector_success",
-                                "1 if the source was read in the last refresh.",
+                                "1 if the collector worked in the last refresh.",
                                 labels=["collector"])
     duration = GaugeMetricFamily("wgnest_collector_duration_seconds",
-                                 "Time the source took in the last refresh.",
+                                 "Time the collector took in the last refresh.",
                                  labels=["collector"])
-    for c in collectors:
-        success.add_metric([c], 0 if c in snap.errors else 1)
-        duration.add_metric([c], snap.durations.get(c, 0.0))
+    failed = failed_collectors(health.failures)
+    for c in health.collectors:
+        success.add_metric([c], 0 if c in failed else 1)
+        duration.add_metric([c], health.durations.get(c, 0.0))
     stamp = GaugeMetricFamily("wgnest_snapshot_timestamp_seconds",
-                              "Unix time of the snapshot these metrics describe.")
-    stamp.add_metric([], snap.taken_at)
+                              "Unix time of the snapshot these metrics describe; it stops "
+                              "advancing while refreshes fail.")
+    stamp.add_metric([], taken_at)
+    interval = GaugeMetricFamily("wgnest_refresh_interval_seconds",
+                                 "Seconds between refreshes (--refresh.interval).")
+    interval.add_metric([], health.refresh_interval)
     build = GaugeMetricFamily("wgnest_build_info", "wgnest version (value 1).",
                               labels=["version"])
     build.add_metric([__version__], 1)
-    errors = CounterMetricFamily("wgnest_errors", "Source failures by reason, since start.",
+    errors = CounterMetricFamily("wgnest_errors", "Collector failures by reason, since start.",
                                  labels=["reason"])
     for reason in REASONS:  # zero-initialised: every reason has a series from the start
-        errors.add_metric([reason], errors_total.get(reason, 0))
-    yield from (success, duration, stamp, build, errors)
+        errors.add_metric([reason], health.errors_total.get(reason, 0))
+    yield from (success, duration, stamp, interval, build, errors)
 
 
 class SnapshotCollector(Collector):
-    """All families of one diagnosed snapshot; rendered once per refresh, not per scrape."""
+    """The WireGuard families of one diagnosed snapshot; rendered once per refresh."""
 
-    def __init__(self, snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
-                 errors_total: Mapping[str, int], collectors: Sequence[str] = COLLECTORS) -> None:
-        self.snap, self.paths, self.names, self.errors_total = snap, paths, names, errors_total
-        self.collectors = collectors
+    def __init__(self, snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str]
+                 ) -> None:
+        self.snap, self.paths, self.names = snap, paths, names
 
     def collect(self) -> Iterator[Metric]:
         yield from device_families(self.snap)
         yield from peer_families(self.snap, self.names)
         yield from path_families(self.paths)
-        yield from exporter_families(self.snap, self.errors_total, self.collectors)
-

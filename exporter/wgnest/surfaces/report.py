@@ -4,60 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wgnest.analysis.paths import DIRECT, LOOP, NESTED, NO_ENDPOINT, NO_ROUTE, PeerPath
-from wgnest.analysis.paths import UNKNOWN as UNKNOWN_PATH
-from wgnest.model import Device, Peer, Snapshot, peer_index
-from wgnest.surfaces.probe_metrics import PeerLatency
+from wgnest.analysis.fixes import FixKind
+from wgnest.analysis.latency import PeerLatency
+from wgnest.analysis.nagios import Latency, check_result
+from wgnest.analysis.paths import PathVerdict, PeerPath
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Device, Peer, Snapshot, peer_index
 
-OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-STATUS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
-# Without these the diagnosis cannot be trusted at all.
-ESSENTIAL = ("links", "route_lookup")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    code: int
-    summary: str
-
-
-Latency = Mapping[tuple[str, str], PeerLatency]
-
-
-def verdict(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None) -> Verdict:
-    nested = sum(p.verdict == NESTED and not p.allowed for p in paths)
-    loops = sum(p.verdict == LOOP for p in paths)
-    allowed = sum(p.verdict == NESTED and p.allowed for p in paths)
-    no_route = sum(p.verdict == NO_ROUTE for p in paths)
-    unknown = sum(p.verdict == UNKNOWN_PATH for p in paths)
-    counts = f"{len(snap.devices)} tunnels, {len(paths)} peers"
-    broken = [c for c, (r, _m) in snap.errors.items() if c in ESSENTIAL or r == "eperm"]
-    if nested or loops:
-        return Verdict(CRITICAL, f"{nested} nested, {loops} routing loops ({counts})")
-    if broken:
-        reason, message = snap.errors[broken[0]]
-        hint = " (needs root or CAP_NET_ADMIN)" if reason == "eperm" else ""
-        return Verdict(UNKNOWN, f"cannot read {broken[0]} ({reason}): {message}{hint}")
-    if not snap.devices and not snap.errors:
-        return Verdict(OK, "no WireGuard devices found")
-    problems = []
-    if no_route:
-        problems.append(f"{no_route} endpoints without a route")
-    if unknown:
-        problems.append(f"{unknown} endpoints whose route is unknown")
-    anomalies = sum(lat.anomaly for lat in (latency or {}).values())
-    if anomalies:
-        problems.append(f"{anomalies} latency anomalies")
-    problems += [f"{c} failed ({r}): {m}" for c, (r, m) in snap.errors.items()]
-    if problems:
-        return Verdict(WARNING, "; ".join(problems) + f" ({counts})")
-    tail = f", {allowed} nested as allowed" if allowed else ""
-    return Verdict(OK, f"no nesting ({counts}{tail})")
+PROOF_TEXT = {"kernel": "confirmed by the kernel", "rule_order": "proven by the rule order",
+              "none": "NOT proven: check it before applying"}
 
 
 def _config_file(config_dir: Path, device: str) -> str:
@@ -70,7 +29,7 @@ def _short(key: str) -> str:
 
 
 def _peer_line(p: PeerPath) -> str:
-    if p.verdict == NO_ENDPOINT:
+    if p.verdict == PathVerdict.NO_ENDPOINT:
         return f"  peer {_short(p.public_key)}  no endpoint (waits for the peer to connect)"
     route = f"via {p.egress or '?'}"
     extras = [f"table {p.table}"] if p.table else []
@@ -79,12 +38,12 @@ def _peer_line(p: PeerPath) -> str:
     if extras:
         route += f" ({', '.join(extras)})"
     head = f"  peer {_short(p.public_key)}  endpoint {p.endpoint}  {route}  "
-    if p.verdict == DIRECT:
+    if p.verdict == PathVerdict.DIRECT:
         return head + "direct"
-    if p.verdict == NESTED:
+    if p.verdict == PathVerdict.NESTED:
         state = "nested (allowed)" if p.allowed else "NESTED"
         return head + f"{state} in {p.outer} [{' -> '.join(p.chain)}]"
-    if p.verdict == LOOP:
+    if p.verdict == PathVerdict.LOOP:
         return head + f"ROUTING LOOP [{' -> '.join(p.chain)}]"
     return head + f"{p.verdict.upper()}: {p.error}"
 
@@ -95,16 +54,24 @@ def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
         lines.append(f"    MTU: {p.device} has {p.mtu.device_mtu}; {p.mtu.usable_mtu} fits through "
                      f"{p.outer}, {p.mtu.direct_mtu} would direct: nesting costs "
                      f"{p.mtu.cost_bytes} bytes")
+    if p.captured_by:
+        lines.append(f"    captured by rule: {p.captured_by}")
     fix = p.fix
-    if fix is None or (p.verdict == NESTED and p.allowed):
+    if fix is None or (p.verdict == PathVerdict.NESTED and p.allowed):
         return lines
-    if fix.kind == "fwmark":
-        where = _config_file(config_dir, p.device)
-        lines.append(f"    fix: add to the [Interface] section of {where}:  {fix.config_line}")
-        lines.append(f"         now, at runtime: {fix.command}   ({fix.explanation})")
-    else:
-        lines.append(f"    fix: {fix.command}")
-        lines.append(f"         ({fix.explanation})")
+    where = _config_file(config_dir, p.device)
+    proof = PROOF_TEXT[fix.proof]
+    if fix.kind == FixKind.FWMARK:
+        lines.append(f"    fix: add to the [Interface] section of {where}:  "
+                     f"{fix.config_lines[0]}")
+        lines.append(f"         now, at runtime: {fix.commands[0]}   ({fix.explanation}; "
+                     f"{proof})")
+        return lines
+    lines.append(f"    fix ({fix.kind}, {proof}): {fix.explanation}")
+    lines.extend(f"         now: {c}" for c in fix.commands)
+    if fix.config_lines:
+        lines.append(f"         for wg-quick, in the [Interface] section of {where}:")
+        lines.extend(f"           {c}" for c in fix.config_lines)
     return lines
 
 
@@ -135,9 +102,9 @@ def _latency_line(lat: PeerLatency | None) -> list[str]:
 
 
 def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
-                latency: Latency | None = None) -> str:
-    v = verdict(snap, paths, latency)
-    out = [f"WGNEST {STATUS[v.code]} - {v.summary}"]
+                latency: Latency | None = None, prober: SourceFailure | None = None) -> str:
+    v = check_result(snap, paths, latency, prober)
+    out = [f"WGNEST {v.code.name} - {v.summary}"]
     for dev in snap.devices:
         mark = f"{dev.fwmark:#x}" if dev.fwmark else "off"
         out.append(f"{dev.name}  {dev.implementation}  fwmark {mark}  listen {dev.listen_port}"
@@ -147,17 +114,17 @@ def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
                 out.append(_peer_line(p))
                 out.extend(_latency_line((latency or {}).get((p.device, p.public_key))))
                 out.extend(_fix_lines(p, config_dir))
-    for collector, (reason, message) in snap.errors.items():
-        out.append(f"source {collector} failed ({reason}): {message}")
+    out.extend(f"source {f}" for f in (*snap.failures, *([prober] if prober else [])))
     return "\n".join(out) + "\n"
 
 
-def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None) -> str:
-    v = verdict(snap, paths, latency)
+def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None,
+                prober: SourceFailure | None = None) -> str:
+    v = check_result(snap, paths, latency, prober)
     peers = peer_index(snap)
     doc: dict[str, Any] = {
-        "status": STATUS[v.code].lower(),
-        "exit_code": v.code,
+        "status": v.code.name.lower(),
+        "exit_code": int(v.code),
         "summary": v.summary,
         "taken_at": snap.taken_at,
         "devices": [{
@@ -167,7 +134,7 @@ def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | No
         } for d in snap.devices],
         "peers": [_path_json(p, peers.get((p.device, p.public_key)),
                              (latency or {}).get((p.device, p.public_key))) for p in paths],
-        "errors": {c: {"reason": r, "message": m} for c, (r, m) in snap.errors.items()},
+        "errors": [dataclasses.asdict(f) for f in (*snap.failures, *([prober] if prober else []))],
     }
     return json.dumps(doc, indent=2) + "\n"
 
@@ -180,6 +147,8 @@ def _path_json(p: PeerPath, found: tuple[Device, Peer] | None, lat: PeerLatency 
                           "real_path": lat.real_path, "overhead_ratio": lat.ratio,
                           "anomaly": lat.anomaly, "reason": lat.reason}
     doc["alarming"] = p.alarming
+    if p.fix is not None:
+        doc["fix"]["verified"] = p.fix.verified
     if p.flow is not None:
         doc["flow"] = {"dst": str(p.flow.dst), "mark": p.flow.mark, "sport": p.flow.sport,
                        "dport": p.flow.dport, "proto": "udp", "uid": 0, "oif": p.flow.oif}

@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 from html import escape
 
 from wgnest import __version__
-from wgnest.analysis.paths import DIRECT, LOOP, NESTED, PeerPath
-from wgnest.model import Snapshot
-from wgnest.surfaces.probe_metrics import PeerLatency
-from wgnest.surfaces.report import STATUS, latency_parts, verdict
+from wgnest.analysis.fixes import FixKind
+from wgnest.analysis.latency import PeerLatency
+from wgnest.analysis.nagios import check_result
+from wgnest.analysis.paths import PathVerdict, PeerPath
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Snapshot
+from wgnest.surfaces.report import PROOF_TEXT, latency_parts
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}
@@ -27,26 +30,34 @@ code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
 
 
 def _verdict_cell(p: PeerPath) -> str:
-    if p.verdict == DIRECT:
+    if p.verdict == PathVerdict.DIRECT:
         return '<span class="ok">direct</span>'
-    if p.verdict == NESTED:
+    if p.verdict == PathVerdict.NESTED:
         cls, word = ("warn", "nested (allowed)") if p.allowed else ("crit", "NESTED")
         return f'<span class="{cls}">{word} in {escape(p.outer)}</span>'
-    if p.verdict == LOOP:
+    if p.verdict == PathVerdict.LOOP:
         return '<span class="crit">ROUTING LOOP</span>'
     extra = f": {escape(p.error)}" if p.error else ""
     return f'<span class="warn">{escape(p.verdict.replace("_", " "))}{extra}</span>'
 
 
 def _fix_cell(p: PeerPath) -> str:
-    if p.fix is None or (p.verdict == NESTED and p.allowed):
+    fix = p.fix
+    if fix is None or (p.verdict == PathVerdict.NESTED and p.allowed):
         return ""
-    if p.fix.kind == "fwmark":
+    proof = escape(PROOF_TEXT[fix.proof])
+    rule = (f"<br><small>captured by <code>{escape(p.captured_by)}</code></small>"
+            if p.captured_by else "")
+    if fix.kind == FixKind.FWMARK:
         return (f'<div class="fix">add to <code>[Interface]</code> of {escape(p.device)}: '
-                f"<code>{escape(p.fix.config_line)}</code><br><small>now: "
-                f"<code>{escape(p.fix.command)}</code> ({escape(p.fix.explanation)})</small></div>")
-    return (f'<div class="fix"><code>{escape(p.fix.command)}</code><br>'
-            f"<small>{escape(p.fix.explanation)}</small></div>")
+                f"<code>{escape(fix.config_lines[0])}</code><br><small>now: "
+                f"<code>{escape(fix.commands[0])}</code> ({escape(fix.explanation)}; {proof})"
+                f"</small>{rule}</div>")
+    commands = "<br>".join(f"<code>{escape(c)}</code>" for c in fix.commands)
+    hooks = "<br>".join(f"<code>{escape(c)}</code>" for c in fix.config_lines)
+    return (f'<div class="fix">{commands}<br><small>{escape(fix.explanation)} ({proof})'
+            f"</small>{rule}" + (f"<br><small>wg-quick:</small><br>{hooks}" if hooks else "")
+            + "</div>")
 
 
 def _path_cell(p: PeerPath) -> str:
@@ -74,16 +85,17 @@ def _latency_cell(lat: PeerLatency | None) -> str:
 
 def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str, str],
            telemetry_path: str = "/metrics",
-           latency: Mapping[tuple[str, str], PeerLatency] | None = None) -> str:
+           latency: Mapping[tuple[str, str], PeerLatency] | None = None,
+           prober: SourceFailure | None = None) -> str:
     head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
             f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
             f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
             f'<a href="{escape(telemetry_path)}">metrics</a></small>')
     if snap is None:
         return head + "<p>First snapshot not taken yet.</p></body></html>"
-    v = verdict(snap, paths)
+    v = check_result(snap, paths, latency, prober)
     taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.taken_at))
-    out = [head, f'<div class="banner b{v.code}">{STATUS[v.code]}: {escape(v.summary)}</div>',
+    out = [head, f'<div class="banner b{int(v.code)}">{v.code.name}: {escape(v.summary)}</div>',
            f"<small>snapshot {taken}</small>"]
     for d in snap.devices:
         mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
@@ -103,7 +115,6 @@ def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str,
         out.append("</table>")
     if not snap.devices:
         out.append("<p>No WireGuard devices in this network namespace.</p>")
-    for collector, (reason, message) in snap.errors.items():
-        out.append(f'<p class="warn">source {escape(collector)} failed ({escape(reason)}): '
-                   f"{escape(message)}</p>")
+    for failure in (*snap.failures, *([prober] if prober else [])):
+        out.append(f'<p class="warn">source {escape(str(failure))}</p>')
     return "\n".join(out) + "</body></html>"

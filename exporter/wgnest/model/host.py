@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from wgnest.model.failures import SourceFailure
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -72,11 +74,13 @@ class Link:
 
 
 ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+LOOKUP, GOTO, NOP = 1, 2, 3
+PortRange = tuple[int, int]  # inclusive
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One policy routing rule (ip rule), as the kernel reports it."""
+    """One policy routing rule (ip rule) with every selector the kernel has."""
 
     family: int  # 4 or 6
     priority: int
@@ -86,26 +90,70 @@ class Rule:
     fwmask: int = 0
     invert: bool = False
     suppress_prefixlength: int = -1  # -1 means not set
+    suppress_ifgroup: int = -1  # -1 means not set
+    src: IPNetwork | None = None  # `from`; None = all
+    dst: IPNetwork | None = None  # `to`; None = all
+    iif: str = ""
+    oif: str = ""
+    tos: int = 0
+    ipproto: int = 0  # 0 = any
+    sport: PortRange | None = None
+    dport: PortRange | None = None
+    uid: PortRange | None = None  # uid range
+    l3mdev: bool = False
+    goto: int = 0  # target priority of a goto
 
     def matches_mark(self, mark: int) -> bool:
-        """True when the rule's fwmark selector (alone) selects packets with this mark."""
+        """True when the rule's fwmark selector (alone, inverted as the rule is) selects
+        packets with this mark."""
         hit = (self.fwmark ^ mark) & self.fwmask == 0
         return not hit if self.invert else hit
 
-    def __str__(self) -> str:
-        sel = "from all"
+    def selector_text(self) -> str:
+        """The selectors as `ip rule` prints them."""
+        sel = [f"from {self.src}" if self.src is not None else "from all"]
+        if self.dst is not None:
+            sel.append(f"to {self.dst}")
+        if self.tos:
+            sel.append(f"tos {self.tos:#x}")
         if self.fwmask:
             mask = "" if self.fwmask == 0xFFFFFFFF else f"/{self.fwmask:#x}"
-            sel += f" fwmark {self.fwmark:#x}{mask}"
-        if self.invert:
-            sel = "not " + sel
+            sel.append(f"fwmark {self.fwmark:#x}{mask}")
+        if self.iif:
+            sel.append(f"iif {self.iif}")
+        if self.oif:
+            sel.append(f"oif {self.oif}")
+        if self.l3mdev:
+            sel.append("l3mdev")
+        if self.uid is not None:
+            sel.append(f"uidrange {self.uid[0]}-{self.uid[1]}")
+        if self.ipproto:
+            sel.append(f"ipproto {IPPROTO_NAMES.get(self.ipproto, self.ipproto)}")
+        for word, ports in (("sport", self.sport), ("dport", self.dport)):
+            if ports is not None:
+                sel.append(f"{word} {_ports(ports)}")
+        text = " ".join(sel)
+        return "not " + text if self.invert else text
+
+    def __str__(self) -> str:
         action = ACTIONS.get(self.action, f"action {self.action}")
-        text = f"{self.priority}: {sel} {action}"
-        if self.action == 1:
+        text = f"{self.priority}: {self.selector_text()} {action}"
+        if self.action == LOOKUP:
             text += f" {table_name(self.table)}"
+        elif self.action == GOTO:
+            text += f" {self.goto}"
         if self.suppress_prefixlength >= 0:
             text += f" suppress_prefixlength {self.suppress_prefixlength}"
+        if self.suppress_ifgroup >= 0:
+            text += f" suppress_ifgroup {self.suppress_ifgroup}"
         return text
+
+
+IPPROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp"}
+
+
+def _ports(ports: PortRange) -> str:
+    return str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +165,9 @@ class Flow:
     sport: int
     dport: int
     oif: int = 0  # only for IPv6 link-local endpoints (scope id)
+
+
+RTN_UNICAST, RTN_LOCAL = 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,30 +183,40 @@ class RouteAnswer:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.route_type == 1
+        """A usable route: unicast, or local (an endpoint on this host goes over loopback)."""
+        return not self.error and self.route_type in (RTN_UNICAST, RTN_LOCAL)
 
 
 @dataclass(frozen=True, slots=True)
-class DefaultRoute:
-    """A default route of the main table: the underlay a fix can point at."""
+class MainRoute:
+    """A route of the main table: what a `lookup main` rule finds (and the underlay a fix
+    can point at). A multipath route is listed by its first next hop."""
 
-    family: int
+    dst: IPNetwork
     oif: int
     gateway: str
+    route_type: int = RTN_UNICAST
+
+    @property
+    def family(self) -> int:
+        return self.dst.version
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything read from one host at one moment."""
+    """Everything read from one host at one moment, and what could not be read."""
 
     taken_at: float
     devices: tuple[Device, ...] = ()
     links: tuple[Link, ...] = ()
     rules: tuple[Rule, ...] = ()
-    defaults: tuple[DefaultRoute, ...] = ()
+    main_routes: tuple[MainRoute, ...] = ()
     lookups: dict[Flow, RouteAnswer] = field(default_factory=dict)
-    # collector name -> (reason, message) for sources that failed (success when absent)
-    errors: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # (family, port) of every UDP socket bound in this namespace; None when unread. A kernel
+    # device whose listen port is missing was made in another namespace: its socket, and
+    # so its transport's routing, stayed there.
+    udp_ports: frozenset[tuple[int, int]] | None = None
+    failures: tuple[SourceFailure, ...] = ()
     durations: dict[str, float] = field(default_factory=dict)
 
 

@@ -1,0 +1,55 @@
+"""What the prober measured: targets, per-path series and the prober's own health."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from wgnest.model.failures import SourceFailure
+
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1.0, 2.5)
+PATHS = ("tunnel", "transport", "direct")
+SeriesKey = tuple[str, str, str]  # (device, public_key, path)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTarget:
+    device: str
+    public_key: str
+    path: str  # "tunnel", "transport" or "direct"
+    address: IPv4Address | IPv6Address
+    mark: int  # SO_MARK on the probe socket; 0 = none
+    bind_device: str = ""  # SO_BINDTODEVICE: the underlay a route fix would use; "" = none
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSnapshot:
+    target: ProbeTarget
+    sent: int
+    received: int
+    buckets: tuple[int, ...]  # cumulative counts, one per BUCKETS bound
+    rtt_sum: float  # seconds
+    recent: tuple[float, ...]  # RTTs of the last `window` probes (lost ones left out)
+    recent_sent: int  # probes in the window, answered or not
+    baseline: tuple[float, ...]  # RTTs of the last `baseline` answered probes
+    error: str = ""  # why the last probe to this target failed to send; silence is no error
+
+    @property
+    def loss(self) -> float | None:
+        """Lost fraction of the recent window; None when nothing was sent."""
+        return 1 - len(self.recent) / self.recent_sent if self.recent_sent else None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSnapshot:
+    """The prober's series and health. `failure` is set only when the prober as a whole
+    cannot work (no permission to open ICMP sockets, a round that raised); one target that
+    cannot be reached or is filtered is that target's fact, in its series' `error`."""
+
+    series: Mapping[SeriesKey, SeriesSnapshot] = field(default_factory=dict)
+    failure: SourceFailure | None = None
+    round_seconds: float = 0.0
+    rounds: int = 0
+    send_errors: Mapping[str, int] = field(default_factory=dict)  # reason -> count, since start

@@ -1,0 +1,103 @@
+"""The refresher's health surfaces: a failing refresh, the prober beside the snapshot, the
+status page banner (no I/O: hand-built snapshots and probe states)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from tests.test_analysis import KB, seed
+from tests.test_prober import series
+from wgnest.analysis.latency import peer_latencies
+from wgnest.analysis.paths import diagnose
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Snapshot
+from wgnest.model.probes import ProbeSnapshot
+from wgnest.runtime.refresher import Refresher
+from wgnest.surfaces import status_page
+from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.probe_metrics import probe_families
+from wgnest.surfaces.report import render_text
+
+
+def fixed_seed() -> Snapshot:
+    from tests.test_analysis import fixed
+
+    return fixed()
+
+
+def test_a_refresh_that_raises_is_visible_and_logged_once(caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    calls = {"n": 0}
+
+    def take() -> Snapshot:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("boom")
+        return fixed_seed()
+
+    r = Refresher(take, interval=0.02)
+    good = r.refresh_once().exposition.decode()
+    assert 'wgnest_collector_success{collector="refresh"} 1.0' in good
+    with caplog.at_level(logging.DEBUG, logger="wgnest"):
+        r.start()
+        deadline = time.monotonic() + 5
+        while calls["n"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r.stop()
+    state = r.state
+    assert state is not None
+    text = state.exposition.decode()
+    assert 'wgnest_collector_success{collector="refresh"} 0.0' in text
+    assert "wgnest_snapshot_timestamp_seconds 1.7e+09" in text  # stopped at the last good one
+    assert 'wireguard_peer_nested{device="wg1"' in text  # the last good families stay
+    other = 'wgnest_errors_total{reason="other"}'
+    errors = [line for line in text.splitlines() if line.startswith(other)]
+    assert float(errors[0].split()[1]) >= 5
+    warned = [rec for rec in caplog.records if "refresh failed" in rec.getMessage()
+              and rec.levelno >= logging.WARNING]
+    assert len(warned) == 1  # one line when it starts, not one per interval
+    assert not any(rec.exc_info for rec in caplog.records if rec.levelno >= logging.WARNING)
+
+
+def test_prober_status_travels_beside_the_snapshot() -> None:
+    probes = ProbeSnapshot({}, SourceFailure("probe", "disabled", "no CAP_NET_RAW"), 0.0, 0)
+    snap = fixed_seed()
+    r = Refresher(lambda: snap, 1.0, probes=lambda: probes,
+                  probe_metrics=lambda p: exposition(probe_families(p)))
+    state = r.refresh_once()
+    assert state.snapshot is snap
+    assert snap.failures == ()  # the snapshot is what was read, the prober is beside it
+    text = state.exposition.decode()
+    assert 'wgnest_collector_success{collector="probe"} 0.0' in text
+    assert 'wgnest_errors_total{reason="disabled"} 1.0' in text  # exported, not only counted
+
+
+def test_one_filtered_target_keeps_the_prober_healthy() -> None:
+    probes = ProbeSnapshot({}, None, 0.01, 3, {"eperm": 3})
+    r = Refresher(fixed_seed, 1.0, probes=lambda: probes,
+                  probe_metrics=lambda p: exposition(probe_families(p)))
+    text = r.refresh_once().exposition.decode()
+    assert 'wgnest_collector_success{collector="probe"} 1.0' in text
+    page = status_page.render(fixed_seed(), diagnose(fixed_seed()), {}, "/metrics", {},
+                              probes.failure)
+    assert '<div class="banner b0">OK' in page
+    assert "CAP_NET_ADMIN" not in page
+
+
+def test_status_page_banner_counts_latency_anomalies(tmp_path: object) -> None:
+    snap = seed()
+    paths = diagnose(snap, {("wg1", "wg0")})  # nesting allowed: only latency is left
+    probes = ProbeSnapshot({
+        ("wg1", KB, "tunnel"): series("tunnel", [0.04] * 5, 5, key=KB),
+        ("wg1", KB, "direct"): series("direct", [0.0003] * 5, 5, key=KB),
+    })
+    latency = peer_latencies(probes, [(p.device, p.public_key) for p in paths])
+    page = status_page.render(snap, paths, {}, "/metrics", latency)
+    assert '<div class="banner b1">WARNING: 1 latency anomalies' in page
+    from pathlib import Path
+
+    text = render_text(snap, paths, Path("/nonexistent"), latency)
+    assert text.startswith("WGNEST WARNING - 1 latency anomalies")
