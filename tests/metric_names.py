@@ -51,6 +51,7 @@ METRIC_LABELS = MappingProxyType({
     "wgnest_refresh_interval_seconds": (),
     "wgnest_build_info": ("version",),
     "wgnest_errors_total": ("reason",),
+    "wgnest_probe_send_errors_total": ("reason",),
 })
 
 EXPORTED_METRICS: frozenset[str] = frozenset(METRIC_LABELS)
@@ -64,6 +65,7 @@ COUNTERS: frozenset[str] = frozenset({
     "wireguard_probe_packets_sent",
     "wireguard_probe_packets_received",
     "wgnest_errors",
+    "wgnest_probe_send_errors",
 })
 
 # Values of the fixed-set labels.

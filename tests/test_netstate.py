@@ -92,16 +92,6 @@ def test_header_table_when_no_fra_table() -> None:
     assert rule_from_msg(4, decoded) == Rule(4, 32766, 254, 1)
 
 
-@pytest.mark.parametrize(("rule", "marks"), [
-    (Rule(4, 32765, 51820, 1, 51820, ALL, True), {0: True, 51820: False, 51821: True}),
-    (Rule(4, 32764, 254, 1, suppress_prefixlength=0), {0: True, 51820: True}),
-    (Rule(4, 100, 100, 1, 0x99, 0xFF), {0x99: True, 0x199: True, 0x98: False, 0: False}),
-    (Rule(4, 100, 100, 1, 0x99, 0xFF, True), {0x99: False, 0x199: False, 0x98: True}),
-], ids=["not-fwmark", "no-selector", "masked", "not-masked"])
-def test_matches_mark(rule: Rule, marks: dict[int, bool]) -> None:
-    assert {m: rule.matches_mark(m) for m in marks} == marks
-
-
 def run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
 

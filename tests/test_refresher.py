@@ -81,6 +81,7 @@ def test_one_filtered_target_keeps_the_prober_healthy() -> None:
                   probe_metrics=lambda p: exposition(probe_families(p)))
     text = r.refresh_once().exposition.decode()
     assert 'wgnest_collector_success{collector="probe"} 1.0' in text
+    assert 'wgnest_probe_send_errors_total{reason="eperm"} 3.0' in text  # counted, visible
     page = status_page.render(fixed_seed(), diagnose(fixed_seed()), {}, "/metrics", {},
                               probes.failure)
     assert '<div class="banner b0">OK' in page

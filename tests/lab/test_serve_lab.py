@@ -165,6 +165,7 @@ def test_one_filtered_probe_target_is_not_a_failing_prober(lab: Lab) -> None:
     assert value(samples, "wireguard_probe_packets_received_total", device=w1,
                  path="transport") >= 1  # the other paths are probed as usual
     assert value(samples, "wgnest_collector_success", collector="probe") == 1
+    assert value(samples, "wgnest_probe_send_errors_total", reason="eperm") >= 2
     status, page = http_get(lab.client.ns, URL + "/")
     html = page.decode()
     assert status == 200

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from wgnest.model.host import GOTO, LOOKUP, NOP, Flow, IPAddress, Rule
 
 IPPROTO_UDP = 17
-RT_TABLE_MAIN, RT_TABLE_LOCAL = 254, 255
+RT_TABLE_MAIN = 254
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,7 @@ class HostView:
     def __init__(self, snap: Snapshot) -> None:
         self.snap = snap
         self.links = {link.index: link for link in snap.links}
-        self.links_by_name = {link.name: link for link in snap.links}
         self.wg_by_index = {d.ifindex: d for d in snap.devices}
-        self.wg_by_name = {d.name: d for d in snap.devices}
 
     def is_tunnel(self, oif: int) -> bool:
         link = self.links.get(oif)

@@ -103,12 +103,6 @@ class Rule:
     l3mdev: bool = False
     goto: int = 0  # target priority of a goto
 
-    def matches_mark(self, mark: int) -> bool:
-        """True when the rule's fwmark selector (alone, inverted as the rule is) selects
-        packets with this mark."""
-        hit = (self.fwmark ^ mark) & self.fwmask == 0
-        return not hit if self.invert else hit
-
     def selector_text(self) -> str:
         """The selectors as `ip rule` prints them."""
         sel = [f"from {self.src}" if self.src is not None else "from all"]

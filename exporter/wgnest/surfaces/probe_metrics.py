@@ -15,6 +15,7 @@ from wgnest.analysis.latency import peer_verdict
 from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
 
 DP = ["device", "public_key"]
+SEND_ERRORS = ("eperm", "unreachable", "error")  # the prober's per-target send failures
 DPP = [*DP, "path"]
 
 
@@ -49,4 +50,11 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5,
         if verdict.ratio is not None:
             over.add_metric([device, public_key], verdict.ratio)
         anomaly.add_metric([device, public_key], int(verdict.anomaly))
-    yield from (rtt, sent, received, over, anomaly)
+    send_errors = CounterMetricFamily(
+        "wgnest_probe_send_errors",
+        "Echo requests the kernel refused to send, by reason (eperm: filtered, e.g. a "
+        "netfilter OUTPUT drop; unreachable: no route; error: other), since start.",
+        labels=["reason"])
+    for reason in SEND_ERRORS:
+        send_errors.add_metric([reason], snap.send_errors.get(reason, 0))
+    yield from (rtt, sent, received, over, anomaly, send_errors)
