@@ -49,9 +49,13 @@ METRIC_LABELS = MappingProxyType({
     "wgnest_collector_duration_seconds": _COLLECTOR,
     "wgnest_snapshot_timestamp_seconds": (),
     "wgnest_refresh_interval_seconds": (),
+    "wgnest_uapi_stale_sockets": (),
     "wgnest_build_info": ("version",),
     "wgnest_errors_total": ("reason",),
     "wgnest_probe_send_errors_total": ("reason",),
+    "wgnest_probe_flows": (),
+    "wgnest_probe_flows_per_round": (),
+    "wgnest_probe_targets_skipped": ("reason",),
 })
 
 EXPORTED_METRICS: frozenset[str] = frozenset(METRIC_LABELS)

@@ -549,3 +549,14 @@ def test_render_json_seed_fields() -> None:
                           "cost_bytes": 80}
     assert wg1["alarming"] is True
     assert wg1["allowed_ips"] == ["10.1.0.0/24"]
+
+
+def test_unknown_names_every_device_that_failed() -> None:
+    s = dataclasses.replace(fixed(), failures=(
+        SourceFailure("wireguard_uapi", "eperm", "/run/wireguard/wg5.sock: Permission denied"),
+        SourceFailure("wireguard_uapi", "eperm", "/run/wireguard/wg6.sock: Permission denied")))
+    v = check_result(s, diagnose(s))
+    assert v.code == NAGIOS_UNKNOWN
+    assert "wg5.sock" in v.summary
+    assert "wg6.sock" in v.summary
+    assert v.summary.count("root-only") == 2

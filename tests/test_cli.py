@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from wgnest.runtime.cli import main
+from wgnest.runtime.options import build_parser
 
 EXPORTER = Path(__file__).resolve().parents[1] / "exporter"
 
@@ -84,3 +85,36 @@ def test_check_unknown_when_uapi_dir_unreadable(tmp_path: Path) -> None:
     # CAP_NET_ADMIN does not open a root-only socket: the hint names what does
     assert "needs root: wireguard-go's UAPI sockets are root-only" in res.stdout
     assert "CAP_NET_ADMIN" not in res.stdout
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--refresh.interval", "inf", "'inf' is not a duration"),
+    ("--refresh.interval", "1e-9", "'1e-9' is not a duration"),
+    ("--refresh.interval", "0", "'0' is out of range: from 100ms to 1h"),
+    ("--refresh.interval", "0.01", "'0.01' is out of range: from 100ms to 1h"),
+    ("--wireguard.uapi-timeout", "nan", "'nan' is not a duration"),
+    ("--wireguard.uapi-timeout", "inf", "'inf' is not a duration"),
+    ("--wireguard.uapi-timeout", "0", "'0' is out of range: from 10ms to 1m"),
+    ("--wireguard.uapi-timeout", "-1", "'-1' is not a duration"),
+    ("--probe.timeout", "2m", "'2m' is out of range: from 10ms to 1m"),
+    ("--anomaly.ratio", "nan", "'nan' is out of range: from 1 to 1000"),
+    ("--refresh.interval", "1s\x1b[31m", "'1s\\x1b[31m' is not a duration"),
+])
+def test_out_of_range_flags_are_refused_at_start(flag: str, value: str, message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", f"{flag}={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    assert message in err
+    assert "\x1b" not in err  # control characters are escaped, never printed
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("30s", 30.0), ("500ms", 0.5), ("1m30s", 90.0), ("1.5s", 1.5), ("2", 2.0), ("1h", 3600.0)])
+def test_durations_as_prometheus_spells_them(value: str, seconds: float) -> None:
+    args = build_parser().parse_args(["serve", "--refresh.interval", value,
+                                      "--wireguard.uapi-timeout", "250ms"])
+    assert args.refresh_interval == seconds
+    assert args.uapi_timeout == 0.25

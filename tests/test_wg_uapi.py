@@ -444,7 +444,7 @@ def test_uapi_devices_good_hanging_dead(sock_dir: Path, daemons: Daemons) -> Non
     with unconnected(sock_dir / "nolink.sock") as nolink, \
             unconnected(sock_dir / "kern.sock") as kern:
         start = time.monotonic()
-        devices, errors = uapi_devices(links, sock_dir, timeout=0.5, skip={"kern"})
+        devices, errors, _stale = uapi_devices(links, sock_dir, timeout=0.5, skip={"kern"})
         assert time.monotonic() - start < 1.5
         for listener in (nolink, kern):
             with pytest.raises(BlockingIOError):
@@ -458,7 +458,7 @@ def test_uapi_devices_good_hanging_dead(sock_dir: Path, daemons: Daemons) -> Non
 
 
 def test_uapi_devices_missing_dir(tmp_path: Path) -> None:
-    assert uapi_devices([Link(1, "x", "tun", 1420, True)], tmp_path / "nope") == ([], [])
+    assert uapi_devices([Link(1, "x", "tun", 1420, True)], tmp_path / "nope") == ([], [], [])
 
 
 # --- a real wireguard-go --------------------------------------------------------------------
@@ -562,14 +562,14 @@ def test_real_wireguard_go(tmp_path: Path) -> None:
         # The socket dir is shared by every netns: from here the daemon is elsewhere.
         assert socket_in_my_netns(sock, 2.0) is False
         fake = [Link(link["ifindex"], name, "tun", 1420, True)]
-        devices, errors = uapi_devices(fake, timeout=2.0)
+        devices, errors, _stale = uapi_devices(fake, timeout=2.0)
         assert errors == []
         assert name not in [d.name for d in devices]
 
         # From inside the namespace the same call finds it.
         code = ("import json,sys; from pathlib import Path; from wgnest.model.host import Link; "
                 "from wgnest.sources.wg_uapi import uapi_devices, socket_in_my_netns as s; "
-                f"d, e = uapi_devices([Link({link['ifindex']}, '{name}', 'tun', 1420, True)]); "
+                f"d, e, _ = uapi_devices([Link({link['ifindex']}, '{name}', 'tun', 1420, True)]); "
                 f"print(json.dumps([s(Path('{sock}'), 2.0), [x.name for x in d], len(e)]))")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "exporter")}
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], env=env,
@@ -589,3 +589,19 @@ def test_real_wireguard_go(tmp_path: Path) -> None:
     assert str(proc.pid) not in subprocess.run(["pgrep", "-x", "wireguard-go"],
                                                capture_output=True, text=True).stdout.split()
     assert not sock.exists()
+
+
+def test_socket_named_after_a_link_that_is_no_tun_is_stale_and_never_connected(
+        sock_dir: Path) -> None:
+    """A socket left by a daemon gone, whose name a veth (or any non-TUN link) now has: it
+    is reported as stale at no cost, not retried with the full timeout every refresh, and
+    no collector failure."""
+    links = [Link(3, "eth7", "veth", 1500, True)]
+    with unconnected(sock_dir / "eth7.sock") as listener:
+        start = time.monotonic()
+        devices, errors, stale = uapi_devices(links, sock_dir, timeout=2.0)
+        took = time.monotonic() - start
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # never connected to
+    assert (devices, errors, stale) == ([], [], [sock_dir / "eth7.sock"])
+    assert took < 0.2

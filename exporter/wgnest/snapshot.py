@@ -70,8 +70,8 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
         "wireguard_kernel", lambda: kernel_devices(links, reader.open_wg)) or ([], [])
     run.each("wireguard_kernel", kerr)
     skip = {link.name for link in links if link.kind == "wireguard"}
-    udevs, uerr = run.timed("wireguard_uapi", lambda: uapi_devices(
-        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], [])
+    udevs, uerr, stale = run.timed("wireguard_uapi", lambda: uapi_devices(
+        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], [], [])
     run.each("wireguard_uapi", uerr)
     devices: tuple[Device, ...] = tuple(sorted(kdevs + udevs, key=lambda d: d.name))
     # Only kernel devices keep their socket where they were made (see HostView).
@@ -82,4 +82,5 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
     fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}
     return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.main_routes,
-                    {**lookups, **fixes}, ports, tuple(run.failures), run.durations)
+                    {**lookups, **fixes}, ports, tuple(str(p) for p in stale),
+                    tuple(run.failures), run.durations)

@@ -47,11 +47,8 @@ def check_result(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | N
         return CheckResult(Nagios.CRITICAL,
                            f"{count.nested} nested, {count.loops} routing loops ({counts})")
     broken = [f for f in snap.failures if f.collector in ESSENTIAL or f.reason == "eperm"]
-    if broken:
-        first = broken[0]
-        hint = PERMISSION_HINTS.get(first.collector, "") if first.reason == "eperm" else ""
-        return CheckResult(Nagios.UNKNOWN, f"cannot read {first.collector} ({first.reason}): "
-                                           f"{first.message}" + (f" ({hint})" if hint else ""))
+    if broken:  # every one of them: each device's error, not the first
+        return CheckResult(Nagios.UNKNOWN, "; ".join(_cannot(f) for f in broken))
     if not snap.devices and not snap.failures:
         return CheckResult(Nagios.OK, "no WireGuard devices found")
     problems = []
@@ -67,6 +64,11 @@ def check_result(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | N
         return CheckResult(Nagios.WARNING, "; ".join(problems) + f" ({counts})")
     tail = f", {count.allowed} nested as allowed" if count.allowed else ""
     return CheckResult(Nagios.OK, f"no nesting ({counts}{tail})")
+
+
+def _cannot(f: SourceFailure) -> str:
+    hint = PERMISSION_HINTS.get(f.collector, "") if f.reason == "eperm" else ""
+    return f"cannot read {f.collector} ({f.reason}): {f.message}" + (f" ({hint})" if hint else "")
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,8 @@ class Snapshot:
     # device whose listen port is missing was made in another namespace: its socket, and
     # so its transport's routing, stayed there.
     udp_ports: frozenset[tuple[int, int]] | None = None
+    # UAPI sockets named after a link that is no TUN device: left over, never connected to
+    stale_sockets: tuple[str, ...] = ()
     failures: tuple[SourceFailure, ...] = ()
     durations: dict[str, float] = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ class ProbeTarget:
     address: IPv4Address | IPv6Address
     mark: int  # SO_MARK on the probe socket; 0 = none
     bind_device: str = ""  # SO_BINDTODEVICE: the underlay a route fix would use; "" = none
+    urgent: bool = False  # nested, looping or anomalous: probed every round, budget or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +54,6 @@ class ProbeSnapshot:
     round_seconds: float = 0.0
     rounds: int = 0
     send_errors: Mapping[str, int] = field(default_factory=dict)  # reason -> count, since start
+    flows: int = 0  # distinct (address, mark, device) flows among the targets
+    flows_per_round: int = 0  # how many of them a round probes (the --probe.max-rate budget)
+    skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> targets not probed

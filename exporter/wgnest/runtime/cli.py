@@ -31,13 +31,29 @@ def run_check(args: argparse.Namespace) -> int:
     return int(check_result(snap, paths, latency, prober).code)
 
 
+# Libraries whose debug output is no one's business: pyroute2 logs every decoded netlink
+# reply at debug, a kernel device's private key among them.
+QUIET_LIBRARIES = ("pyroute2",)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    floor = max(logging.WARNING, logging.getLevelName(level.upper()))
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(floor)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         if args.command == "check":
             return run_check(args)
+        if args.command == "lint":
+            from wgnest.runtime.lint import run_lint
+
+            return run_lint(args)
         from wgnest.runtime.serve import run_serve
 
         return run_serve(args)

@@ -14,6 +14,7 @@ import ctypes
 import gc
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Refresher:
         self._state: State | None = None
         self._errors_total: Counter[str] = Counter()
         self._logged: dict[tuple[str, str], str] = {}  # (collector, message) -> reason
+        self._stale: tuple[str, ...] = ()
         self._collectors = (*COLLECTORS, *(("probe",) if probes else ()), "refresh")
 
     @property
@@ -107,6 +109,7 @@ class Refresher:
         return state
 
     def _build(self) -> State:
+        began = time.monotonic()
         snap = self._take()
         paths = diagnose(snap, self._allow)
         probes = self._probes() if self._probes is not None else None
@@ -117,13 +120,20 @@ class Refresher:
         durations = dict(snap.durations)
         if probes is not None:
             durations["probe"] = probes.round_seconds
+        log.debug("refresh: %d devices, %d peers, %d failures, %.0f ms", len(snap.devices),
+                  len(paths), len(failures), (time.monotonic() - began) * 1000)
+        if snap.stale_sockets != self._stale:
+            for path in set(snap.stale_sockets) - set(self._stale):
+                log.warning("%s: a UAPI socket named after a link that is no TUN device: "
+                            "left over by a daemon gone, not read", path)
+            self._stale = snap.stale_sockets
         return State(snap, paths, probes, body, body + self._health(snap, failures, durations))
 
     def _health(self, snap: Snapshot, failures: tuple[SourceFailure, ...],
                 durations: Mapping[str, float]) -> bytes:
         self._note(failures)
         health = Health(self._collectors, failures, durations, self._errors_total,
-                        self._interval)
+                        self._interval, len(snap.stale_sockets))
         return exposition(exporter_families(snap.taken_at, health))
 
     def _note(self, failures: tuple[SourceFailure, ...]) -> None:

@@ -19,8 +19,8 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
 from wgnest.runtime.probing import make_prober
 from wgnest.runtime.refresher import Refresher
-from wgnest.runtime.web import serve
-from wgnest.runtime.webconfig import WebConfigError, load_web_config
+from wgnest.runtime.web import Server, serve
+from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.snapshot import Reader, take
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
 from wgnest.surfaces import status_page
@@ -30,12 +30,35 @@ from wgnest.surfaces.probe_metrics import probe_families
 log = logging.getLogger("wgnest")
 
 
+class Reloadable:
+    """The inputs SIGHUP reloads: the peer names and the web config. A reload that fails
+    keeps the old ones and says why in one line, as smokeping_prober does."""
+
+    def __init__(self, args: argparse.Namespace, names: dict[str, str],
+                 web_config: WebConfig | None) -> None:
+        self.args, self.names, self.web_config = args, names, web_config
+
+    def reload(self, server: Server) -> None:  # on the main thread, never a signal handler
+        try:
+            web_config = load_web_config(self.args.web_config) if self.args.web_config else None
+            names, warnings = load_peer_names(self.args.config_dir, self.args.peer_file)
+        except (WebConfigError, PeerNamesError) as exc:
+            log.error("reload (SIGHUP) failed, keeping the previous configuration: %s", exc)
+            return
+        for warning in warnings:
+            log.warning("peer names: %s", warning)
+        server.reload(web_config)  # TLS, users and headers for the next connections
+        self.names, self.web_config = names, web_config  # one reference each: atomic
+        log.info("reloaded (SIGHUP): %d peer names%s", len(names),
+                 ", web config " + str(self.args.web_config) if self.args.web_config else "")
+
+
 class _Pages:
     """What the HTTP surface serves; reads the latest state, never waits on a source."""
 
-    def __init__(self, args: argparse.Namespace, refresher: Refresher, names: dict[str, str],
+    def __init__(self, args: argparse.Namespace, refresher: Refresher, config: Reloadable,
                  prober: Prober | None) -> None:
-        self.args, self.refresher, self.names, self.prober = args, refresher, names, prober
+        self.args, self.refresher, self.config, self.prober = args, refresher, config, prober
 
     def metrics(self) -> bytes:
         """Rendered by the refresher (probe metrics included): a scrape copies bytes."""
@@ -45,12 +68,12 @@ class _Pages:
     def status_page(self) -> str:
         state = self.refresher.state
         if state is None:
-            return status_page.render(None, [], self.names, self.args.telemetry_path)
+            return status_page.render(None, [], self.config.names, self.args.telemetry_path)
         probes = self.prober.snapshot() if self.prober is not None else None
         latency = {} if probes is None else peer_latencies(
             probes, [(p.device, p.public_key) for p in state.paths], self.args.anomaly_ratio,
             self.args.anomaly_min_excess)
-        return status_page.render(state.snapshot, state.paths, self.names,
+        return status_page.render(state.snapshot, state.paths, self.config.names,
                                   self.args.telemetry_path, latency,
                                   probes.failure if probes is not None else None)
 
@@ -87,28 +110,32 @@ def run_serve(args: argparse.Namespace) -> int:
         prober = make_prober(args, current)
         if prober.disabled_reason:
             log.warning("latency probes are off: %s", prober.disabled_reason)
+    config = Reloadable(args, names, web_config)
     refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
-                          lambda: names, prober.snapshot if prober is not None else None,
+                          lambda: config.names, prober.snapshot if prober is not None else None,
                           _probe_metrics(args))
     refresher.refresh_once()
-    pages = _Pages(args, refresher, names, prober)
+    pages = _Pages(args, refresher, config, prober)
     try:
         server = serve(args.listen, pages, args.telemetry_path, web_config)
     except (ValueError, OSError, WebConfigError) as exc:
         sys.stderr.write(f"wgnest: cannot listen on {args.listen}: {exc}\n")
         return 2
-    stop = threading.Event()
+    stop, hangup = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+        (hangup if signum == signal.SIGHUP else stop).set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     refresher.start()
     if prober is not None:
         prober.start()
     log.info("wgnest serving on %s (port %d)", args.listen, server.port)
-    stop.wait()
+    while not stop.wait(0.2):
+        if hangup.is_set():
+            hangup.clear()
+            config.reload(server)
     # Exit within ~1.5 s even when a refresh waits on a stuck source or a probe round on
     # silent targets: ask every thread to stop first, then wait on one shared deadline.
     deadline = time.monotonic() + 1.5

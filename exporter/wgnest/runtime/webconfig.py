@@ -3,20 +3,40 @@
 wgnest is stricter than promtool where Python's ssl module cannot do what the file asks or
 where the file is surely a mistake: TLS10/TLS11, cipher_suites, curve_preferences,
 RequestClientCert/RequireAnyClientCert, client verification without client_ca_file, an
-unparseable client CA file and malformed bcrypt hashes are rejected rather than ignored.
+unparseable client CA file, an empty username, more than MAX_USERS users, and bcrypt hashes
+that could never verify (malformed, not canonically encoded, or the $2$/$2x$ variants) are
+rejected rather than ignored.
+
+Every file (the config, the TLS files) is opened with O_NONBLOCK, so a FIFO cannot block
+start-up, and read only if fstat says it is a regular file of at most MAX_CONFIG_BYTES /
+MAX_TLS_FILE_BYTES: a FIFO, /dev/zero or a huge file is a one-line WebConfigError at once.
+Mapping keys are taken as written (`010:` is the user "010", not 8), as Go's YAML reader
+does for the string keys exporter-toolkit declares.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import ssl
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
+
+try:  # libyaml's parser: 5x faster, and it refuses nesting deeper than 1000 levels
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
+
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; exporter-toolkit's example files are a few hundred bytes
+MAX_TLS_FILE_BYTES = 4 << 20  # a certificate chain, a key or a CA bundle
+MAX_USERS = 1000
 
 TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _GO_ONLY_TLS_VERSIONS = ("TLS10", "TLS11")
@@ -34,13 +54,40 @@ HEADER_VALUES: dict[str, tuple[str, ...] | None] = {
     "X-XSS-Protection": None,
     "Content-Security-Policy": None,
 }
-_BCRYPT = re.compile(r"\$2[abxy]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# bcrypt's base64 alphabet; $2<variant>$<cost>$<22 chars of salt><31 chars of digest>.
+_B64 = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_BCRYPT = re.compile(r"\$2([a-z]?)\$(\d\d)\$([./A-Za-z0-9]{22})([./A-Za-z0-9]{31})")
+BCRYPT_VARIANTS = ("a", "b", "y")  # what the bcrypt module verifies, as Go's bcrypt does
+_HASH_ADVICE = "use htpasswd -nBC 10 USER"
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
              "max_version", "prefer_server_cipher_suites", "cipher_suites", "curve_preferences"}
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every unprintable character (newlines, ANSI escapes, bidi overrides, lone
+    surrogates of undecodable file names) escaped as repr() would, everything else kept."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
 
 
 class WebConfigError(Exception):
-    """The web config file is unusable. The message is one line naming the file and the key."""
+    """The web config file is unusable. The message is one line naming the file and the key,
+    with control characters escaped (it may quote names and values from the file)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(escape_controls(str(message)))
 
 
 @dataclass(frozen=True)
@@ -63,23 +110,32 @@ class WebConfig:
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that, like Go's yaml, refuses a key given twice in one mapping."""
+class _Loader(_SafeLoader):
+    """A safe loader whose mapping keys are strings as written, refused when given twice.
+
+    Every mapping in the file is string-keyed in exporter-toolkit (struct fields and
+    map[string]...), and Go's YAML reader fills a string with the scalar as written: `0x1F:`
+    is the user "0x1F" and `010:` the user "010", not 31 and 8; `010` and `8` are two users.
+    """
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # unhashable: construct_mapping reports it
-            continue
-        if duplicate:
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[str, Any]:
+    loader.flatten_mapping(node)  # `<<: *anchor` merge keys, as Go's YAML reader has them
+    out: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a string, not a list or mapping", key_node.start_mark)
+        # A null key (`~:`) is Go's empty string; anything else is the text as written.
+        key = "" if key_node.tag == _NULL_TAG else str(key_node.value)
+        if key in out:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} given twice", key_node.start_mark)
-    return loader.construct_mapping(node, deep=True)
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -87,6 +143,72 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+class _Unreadable(Exception):
+    """A file we will not read; the message says why, in a few words."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _size_text(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n} bytes"
+
+
+def _open_regular(path: Path, limit: int) -> int:
+    """An fd of `path` if it is a regular file of at most `limit` bytes. O_NONBLOCK: opening a
+    FIFO returns at once (then fstat refuses it) instead of waiting for a writer forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise _Unreadable(getattr(e, "strerror", None) or str(e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "special")
+            raise _Unreadable(f"not a regular file ({kind})")
+        if st.st_size > limit:
+            raise _Unreadable(f"larger than {_size_text(limit)} ({st.st_size} bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Raises _Unreadable."""
+    fd = _open_regular(path, limit)
+    try:
+        chunks, total = [], 0
+        while total <= limit:  # the size may change under us: never read past limit + 1
+            try:
+                chunk = os.read(fd, min(1 << 16, limit + 1 - total))
+            except OSError as e:
+                raise _Unreadable(e.strerror or str(e)) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise _Unreadable(f"larger than {_size_text(limit)}")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _checked_name(path: Path, limit: int) -> Iterator[str]:
+    """A name OpenSSL can open that is surely the regular file we checked: /proc/self/fd/N of
+    our own fd while it is open (the path itself where /proc is not mounted)."""
+    fd = _open_regular(path, limit)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        yield proc if os.path.exists(proc) else str(path)
+    finally:
+        os.close(fd)
 
 
 class _Parser:
@@ -162,15 +284,18 @@ class _Parser:
             return {}
         if not isinstance(raw, dict):
             raise self.fail("basic_auth_users", "must be a mapping of username to bcrypt hash")
+        if len(raw) > MAX_USERS:
+            raise self.fail("basic_auth_users", f"{len(raw)} users; at most {MAX_USERS} "
+                            "are supported")
         users: dict[str, str] = {}
-        for user, hashed in raw.items():
-            if isinstance(user, bool) or not isinstance(user, str | int):
-                raise self.fail("basic_auth_users", f"username {user!r} must be a string")
-            if not isinstance(hashed, str) or not _BCRYPT.fullmatch(hashed):
-                # Never echo the value: it may be a plaintext password.
-                raise self.fail(f"basic_auth_users.{user}", "not a bcrypt hash (plaintext "
-                                "passwords are not accepted; use htpasswd -nBC 10 USER)")
-            users[str(user)] = hashed
+        for user, hashed in raw.items():  # keys are strings as written (see _Loader)
+            if not user:
+                raise self.fail("basic_auth_users", "a username is empty")
+            # Never echo the value: it may be a plaintext password.
+            problem = bcrypt_problem(hashed)
+            if problem is not None:
+                raise self.fail(f"basic_auth_users.{user}", problem)
+            users[user] = hashed
         return users
 
     def headers(self, doc: Mapping[str, Any]) -> dict[str, str]:
@@ -196,15 +321,34 @@ class _Parser:
         return out
 
 
+def bcrypt_problem(hashed: object) -> str | None:
+    """Why `hashed` is not a bcrypt hash that can verify here (None: it is one). Never quotes
+    the value, which may be a plaintext password; cost and variant are safe to name."""
+    m = _BCRYPT.fullmatch(hashed) if isinstance(hashed, str) else None
+    if m is None:
+        return f"not a bcrypt hash (plaintext passwords are not accepted; {_HASH_ADVICE})"
+    variant, cost, salt, digest = m.groups()
+    if variant not in BCRYPT_VARIANTS:
+        return (f"bcrypt variant $2{variant}$ is not supported (only $2a$, $2b$ and $2y$ "
+                f"verify here); hash the password again: {_HASH_ADVICE}")
+    if not 4 <= int(cost) <= 31:
+        return f"bcrypt cost {cost} is outside 4..31"
+    # 22 characters hold the 16-byte salt with 4 bits to spare, 31 the 23-byte digest with 2:
+    # spare bits that are set make bcrypt refuse the salt or never match the digest.
+    if _B64.index(salt[-1]) % 16 or _B64.index(digest[-1]) % 4:
+        return f"not a bcrypt hash (its salt or digest is not validly encoded; {_HASH_ADVICE})"
+    return None
+
+
 def load_web_config(path: Path) -> WebConfig:
     """Read and check the file, including that the TLS files load. Raises WebConfigError."""
     parser = _Parser(path)
     try:
-        data = path.read_bytes()
-    except (OSError, ValueError) as e:
-        raise parser.fail("file", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+        data = read_regular_file(path, MAX_CONFIG_BYTES)
+    except _Unreadable as e:
+        raise parser.fail("file", f"cannot read: {e}") from None
     try:
-        doc = yaml.load(data, Loader=_Loader)  # a SafeLoader subclass
+        doc = yaml.load(data, Loader=_Loader)  # a safe loader
     except yaml.MarkedYAMLError as e:  # no snippet: the line may hold a secret
         mark = e.problem_mark
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -231,7 +375,10 @@ def _refuse_encrypted_key() -> bytes:
 
 
 def build_ssl_context(cfg: WebConfig) -> ssl.SSLContext | None:
-    """The server context for cfg.tls (None when TLS is off). Raises WebConfigError."""
+    """The server context for cfg.tls (None when TLS is off). Raises WebConfigError.
+
+    Each file is opened and checked (regular, at most MAX_TLS_FILE_BYTES) before OpenSSL
+    reads it through our own fd, so a FIFO or /dev/zero can neither hang nor balloon it."""
     tls = cfg.tls
     if tls is None:
         return None
@@ -245,29 +392,30 @@ def build_ssl_context(cfg: WebConfig) -> ssl.SSLContext | None:
     files = [("cert_file", tls.cert_file), ("key_file", tls.key_file)]
     if tls.client_ca_file is not None:
         files.append(("client_ca_file", tls.client_ca_file))
-    for name, file in files:
+    with contextlib.ExitStack() as opened:
+        names: dict[str, str] = {}
+        for name, file in files:
+            try:
+                names[name] = opened.enter_context(_checked_name(file, MAX_TLS_FILE_BYTES))
+            except _Unreadable as e:
+                raise WebConfigError(f"{where}.{name}: cannot read {file}: {e}") from None
+        for name, file in files:
+            if name == "key_file":
+                continue
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=names[name])
+            except (ssl.SSLError, OSError, ValueError) as e:
+                reason = _one_line(getattr(e, "reason", None) or e)
+                raise WebConfigError(f"{where}.{name}: no usable certificate in {file}: "
+                                     f"{reason}") from None
         try:
-            with open(file, "rb") as f:
-                f.read(1)
-        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-            raise WebConfigError(f"{where}.{name}: cannot read {file}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
-    for name, file in files:
-        if name == "key_file":
-            continue
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=file)
-        except (ssl.SSLError, ValueError) as e:
+            ctx.load_cert_chain(names["cert_file"], names["key_file"],
+                                password=_refuse_encrypted_key)
+        except (ssl.SSLError, OSError, ValueError, WebConfigError) as e:
             reason = _one_line(getattr(e, "reason", None) or e)
-            raise WebConfigError(f"{where}.{name}: no usable certificate in {file}: {reason}"
-                                 ) from None
-    try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_encrypted_key)
-    except (ssl.SSLError, OSError, ValueError, WebConfigError) as e:
-        reason = _one_line(getattr(e, "reason", None) or e)
-        raise WebConfigError(f"{where}.key_file: cannot use {tls.key_file} with "
-                             f"{tls.cert_file}: {reason}") from None
-    ctx.verify_mode = CLIENT_AUTH[tls.client_auth_type]
-    if tls.client_ca_file is not None:
-        ctx.load_verify_locations(cafile=tls.client_ca_file)
+            raise WebConfigError(f"{where}.key_file: cannot use {tls.key_file} with "
+                                 f"{tls.cert_file}: {reason}") from None
+        ctx.verify_mode = CLIENT_AUTH[tls.client_auth_type]
+        if tls.client_ca_file is not None:
+            ctx.load_verify_locations(cafile=names["client_ca_file"])
     return ctx

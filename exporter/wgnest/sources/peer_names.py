@@ -19,6 +19,8 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+from wgnest.sources.files import FileInputError, read_config_bytes
+
 DEFAULT_DIRS = frozenset({Path("/etc/wireguard"), Path("/etc/systemd/network")})
 _PEER_SECTIONS = frozenset({"peer", "wireguardpeer"})
 _FRIENDLY = re.compile(r"#\s*friendly_name\s*=(.*)", re.IGNORECASE)
@@ -107,9 +109,9 @@ def _list_dir(directory: Path, warnings: list[str]) -> list[Path]:
 def _read_config(path: Path, names: dict[str, str], warnings: list[str]) -> None:
     where = _show(str(path))
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        warnings.append(f"{where}: cannot read: {e.strerror}")
+        data = read_config_bytes(path)
+    except FileInputError as e:  # one file among many: a warning, and the others are read
+        warnings.append(str(e))
         return
     try:
         text = data.decode("utf-8-sig")
@@ -125,10 +127,11 @@ def _read_config(path: Path, names: dict[str, str], warnings: list[str]) -> None
 def _read_peer_file(path: Path, names: dict[str, str], warnings: list[str]) -> None:
     where = _show(str(path))
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
-        raise PeerNamesError(f"{where}: cannot read peer names file: {why}") from None
+        data = tomllib.loads(read_config_bytes(path).decode("utf-8"))
+    except FileInputError as e:
+        raise PeerNamesError(f"peer names file {e}") from None
+    except UnicodeDecodeError:
+        raise PeerNamesError(f"{where}: cannot read peer names file: not valid UTF-8") from None
     except tomllib.TOMLDecodeError as e:  # its message may quote input: report position only
         m = re.search(r"at line (\d+), column (\d+)", str(e))
         at = f":{m[1]}: invalid TOML at column {m[2]}" if m else ": invalid TOML at end of file"

@@ -10,7 +10,6 @@ import base64
 import contextlib
 import errno as errno_mod
 import ipaddress
-import logging
 import os
 import re
 import socket
@@ -24,8 +23,6 @@ from typing import TypeVar
 from wgnest.model.host import Device, Endpoint, IPNetwork, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
 from wgnest.sources.peer_builder import PeerBuilder
-
-log = logging.getLogger(__name__)
 
 SOCK_DIR = Path("/var/run/wireguard")
 MAX_ANSWER = 64 << 20  # bytes; a larger answer is refused as "parse"
@@ -302,8 +299,7 @@ def _read_device(path: Path, link: Link, timeout: float) -> Device | None:
     deadline = time.monotonic() + timeout
     with _os_errors(path), _connect(path, deadline) as sock:
         if _same_netns(sock, path) is False:
-            log.debug("skipping %s: its daemon lives in another network namespace", path)
-            return None
+            return None  # its daemon lives in another network namespace
         text = _exchange(sock, path, deadline)
     return parse_uapi(text, name=link.name, ifindex=link.index, mtu=link.mtu)
 
@@ -327,22 +323,28 @@ def _sockets(sock_dir: Path) -> list[tuple[str, Path]]:
 
 
 def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: float = 1.0,
-                 skip: Collection[str] = ()) -> tuple[list[Device], list[SourceError]]:
-    """Read every userspace device of this netns; one error per device that failed."""
+                 skip: Collection[str] = ()
+                 ) -> tuple[list[Device], list[SourceError], list[Path]]:
+    """Read every userspace device of this netns: (devices, one error per device that
+    failed, stale sockets). A socket named after a link that is no TUN device (userspace
+    WireGuard always runs on one) is left over from a daemon gone: it is never connected to
+    (it could only time out or be refused, every refresh), only reported."""
     by_name = {link.name: link for link in links}
     devices: list[Device] = []
     errors: list[SourceError] = []
+    stale: list[Path] = []
     for name, path in _sockets(sock_dir):
         link = by_name.get(name)
         if name in skip or link is None:
-            log.debug("not reading %s: kernel device or no link of that name", path)
+            continue  # a kernel device, or a socket of another namespace's device
+        if link.kind != "tun":
+            stale.append(path)
             continue
         try:
             device = _read_device(path, link, timeout)
         except SourceError as exc:
-            errors.append(exc)
-            log.debug("userspace device %s (%s): %s", name, exc.reason, exc)
+            errors.append(exc)  # logged by the refresher when it starts and ends
             continue
         if device is not None:
             devices.append(device)
-    return devices, errors
+    return devices, errors, stale

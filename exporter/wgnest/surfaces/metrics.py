@@ -126,6 +126,7 @@ class Health:
     durations: Mapping[str, float]
     errors_total: Mapping[str, int]  # reason -> failures since start
     refresh_interval: float
+    stale_sockets: int = 0
 
 
 def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
@@ -143,6 +144,11 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
                               "Unix time of the snapshot these metrics describe; it stops "
                               "advancing while refreshes fail.")
     stamp.add_metric([], taken_at)
+    stale = GaugeMetricFamily(
+        "wgnest_uapi_stale_sockets",
+        "UAPI sockets named after a link that is no TUN device (left over by a daemon gone); "
+        "never read.")
+    stale.add_metric([], health.stale_sockets)
     interval = GaugeMetricFamily("wgnest_refresh_interval_seconds",
                                  "Seconds between refreshes (--refresh.interval).")
     interval.add_metric([], health.refresh_interval)
@@ -153,7 +159,7 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
                                  labels=["reason"])
     for reason in REASONS:  # zero-initialised: every reason has a series from the start
         errors.add_metric([reason], health.errors_total.get(reason, 0))
-    yield from (success, duration, stamp, interval, build, errors)
+    yield from (success, duration, stamp, interval, stale, build, errors)
 
 
 class SnapshotCollector(Collector):

@@ -16,6 +16,7 @@ from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
 
 DP = ["device", "public_key"]
 SEND_ERRORS = ("eperm", "unreachable", "error")  # the prober's per-target send failures
+SKIP_REASONS = ("not_selected", "no_recent_handshake")
 DPP = [*DP, "path"]
 
 
@@ -57,4 +58,18 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5,
         labels=["reason"])
     for reason in SEND_ERRORS:
         send_errors.add_metric([reason], snap.send_errors.get(reason, 0))
-    yield from (rtt, sent, received, over, anomaly, send_errors)
+    flows = GaugeMetricFamily("wgnest_probe_flows",
+                              "Distinct (address, mark, device) flows the prober cycles through.")
+    flows.add_metric([], snap.flows)
+    per_round = GaugeMetricFamily(
+        "wgnest_probe_flows_per_round",
+        "Flows one round probes (--probe.max-rate x --probe.interval, or all of them).")
+    per_round.add_metric([], snap.flows_per_round)
+    skipped = GaugeMetricFamily(
+        "wgnest_probe_targets_skipped",
+        "Probe targets left out, by reason (not_selected: --probe.device/--probe.peer; "
+        "no_recent_handshake: no tunnel probe to a peer without a handshake for 3 minutes).",
+        labels=["reason"])
+    for reason in SKIP_REASONS:
+        skipped.add_metric([reason], snap.skipped.get(reason, 0))
+    yield from (rtt, sent, received, over, anomaly, send_errors, flows, per_round, skipped)
