@@ -207,10 +207,10 @@ def test_direct_probe_of_a_route_fix_is_bound_to_the_underlay() -> None:
     leaves bound to the underlay device, so the kernel skips routes via the tunnel."""
     s = host((WG0_FULL, WG1_PLAIN), (), {
         flow(EP0, 51820, 51820): UNDER4, flow(EP1, 0, 40000): into(WG0, 254)})
-    targets = probe_targets(s, diagnose(s), {})
+    targets = probe_targets(s, diagnose(s), {}).targets
     direct = [t for t in targets if t.device == "wg1" and t.path == "direct"]
     assert direct == [ProbeTarget("wg1", KB, "direct", ipaddress.ip_address("198.51.100.7"), 0,
-                                  "eth0")]
+                                  "eth0", urgent=True)]  # nested: probed every round
     transport = [t for t in targets if t.device == "wg1" and t.path == "transport"]
     assert transport[0].bind_device == ""
 
@@ -235,3 +235,25 @@ def test_userspace_devices_route_where_their_process_is(impl: str) -> None:
     s = dataclasses.replace(host((wg0,), (), {flow(EP0, 0, 51820): into(WG0, 254)}),
                             udp_ports=frozenset())
     assert path_of(diagnose(s), KA).verdict == PathVerdict.LOOP
+
+
+def test_tunnel_probes_need_a_recent_handshake_and_selection_filters() -> None:
+    import re
+
+    from wgnest.probe.targets import Selection
+
+    base = host((WG0_FULL, WG1_PLAIN), wg_quick(51820), {
+        flow(EP0, 51820, 51820): UNDER4, flow(EP1, 0, 40000): UNDER4})
+    fresh = dataclasses.replace(WG0_FULL, peers=(dataclasses.replace(
+        WG0_FULL.peers[0], allowed_ips=(N("10.0.0.1/32"),), last_handshake=base.taken_at - 10),))
+    stale = dataclasses.replace(WG1_PLAIN, peers=(dataclasses.replace(
+        WG1_PLAIN.peers[0], allowed_ips=(N("10.1.0.1/32"),),
+        last_handshake=base.taken_at - 600),))
+    s = dataclasses.replace(base, devices=(fresh, stale))
+    plan = probe_targets(s, diagnose(s), {})
+    tunnels = {t.device for t in plan.targets if t.path == "tunnel"}
+    assert tunnels == {"wg0"}  # wg1's last handshake is 10 minutes old: nothing would answer
+    assert plan.skipped == {"not_selected": 0, "no_recent_handshake": 1}
+    only = probe_targets(s, diagnose(s), {}, Selection(re.compile("wg1")))
+    assert {t.device for t in only.targets} == {"wg1"}
+    assert only.skipped["not_selected"] == 3  # wg0's tunnel, transport and direct

@@ -574,3 +574,31 @@ def test_more_flows_than_sequence_numbers_in_one_round(monkeypatch: pytest.Monke
     p.run_once()
     snap = p.snapshot()
     assert {(s.sent, s.received) for s in snap.series.values()} == {(1, 1)}
+
+
+def test_probe_budget_takes_urgent_flows_first_and_the_rest_in_turn() -> None:
+    """--probe.max-rate x --probe.interval flows a round: the urgent ones every round, the
+    others in turn, so each is reached within flows / budget rounds; sends are paced."""
+    urgent = [ProbeTarget("wg0", "u", "transport", ip_address("10.9.0.1"), 0, "", True)]
+    rest = [ProbeTarget("wg0", f"k{i}", "transport", ip_address(f"10.9.1.{i}"), 0)
+            for i in range(10)]
+    p = FakeProber(lambda: urgent + rest, {})
+    p.interval, p.max_rate = 0.04, 100.0  # a budget of 4 flows a round
+    for _ in range(6):
+        p.run_once()
+    snap = p.snapshot()
+    assert (snap.flows, snap.flows_per_round) == (11, 4)
+    assert snap.series["wg0", "u", "transport"].sent == 6  # every round
+    sent = sorted(snap.series["wg0", f"k{i}", "transport"].sent for i in range(10))
+    assert sent == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]  # 18 = 6 rounds x 3, spread evenly
+    began = time.monotonic()
+    p.run_once()
+    assert time.monotonic() - began >= 0.03  # 4 sends at 100/s: paced over the interval
+
+
+def test_without_a_budget_every_flow_goes_every_round() -> None:
+    ts = [ProbeTarget("wg0", f"k{i}", "transport", ip_address(f"10.9.1.{i}"), 0)
+          for i in range(10)]
+    p = FakeProber(lambda: ts, {})
+    p.run_once()
+    assert {s.sent for s in p.snapshot().series.values()} == {1}

@@ -172,3 +172,34 @@ def test_one_filtered_probe_target_is_not_a_failing_prober(lab: Lab) -> None:
     assert "UNKNOWN" not in html
     assert "CAP_NET_ADMIN" not in html
     assert '<div class="banner b0">OK' in html
+
+
+def test_gzip_when_the_scraper_asks(lab: Lab) -> None:
+    """Prometheus always sends `Accept-Encoding: gzip`: the body is compressed once per
+    refresh (the same bytes for every scrape of that refresh), and plain otherwise."""
+    import gzip
+
+    s1, s2 = lab.servers["s1"], lab.servers["s2"]
+    lab.client_tunnel(0, s1, "0.0.0.0/0")
+    lab.client_tunnel(1, s2, "10.202.0.0/24")
+    lab.serve("--refresh.interval", "60", "--no-probe.enabled")
+    import urllib.request
+
+    from tests.lab.lab import in_netns
+
+    def get(encoding: str) -> tuple[dict[str, str], bytes]:
+        req = urllib.request.Request(URL + "/metrics", headers={"Accept-Encoding": encoding})
+        with in_netns(lab.client.ns), urllib.request.urlopen(req, timeout=5) as resp:
+            return dict(resp.headers), resp.read()
+
+    plain_headers, plain = get("identity")
+    assert "Content-Encoding" not in plain_headers
+    headers, first = get("gzip")
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Vary"] == "Accept-Encoding"
+    _, second = get("deflate, gzip;q=0.5")
+    assert first == second  # compressed once for this refresh
+    assert gzip.decompress(first) == plain
+    assert len(first) < len(plain) / 3
+    refused_headers, _ = get("gzip;q=0")
+    assert "Content-Encoding" not in refused_headers

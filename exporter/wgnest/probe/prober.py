@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -92,8 +92,15 @@ def _key(flow: ProbeFlow) -> ChannelKey:
 class Prober:
     def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], interval: float = 1.0,
                  timeout: float = 1.0, privileged: bool | None = None, window: int = 30,
-                 baseline: int = 300, clock: Callable[[], float] = time.monotonic) -> None:
-        self._targets, self.timeout = targets, timeout
+                 baseline: int = 300, clock: Callable[[], float] = time.monotonic,
+                 max_rate: float | None = None,
+                 skipped: Callable[[], Mapping[str, int]] = dict) -> None:
+        """`max_rate`: probes per second across all targets (None: every flow each round);
+        a round then probes the urgent flows and the next ones in turn, sent evenly."""
+        self._targets, self.timeout, self.max_rate, self._skipped = (
+            targets, timeout, max_rate, skipped)
+        self._cursor = 0
+        self._flows = self._per_round = 0
         self.window, self.baseline, self._clock = window, baseline, clock
         self._raw, self.disabled_reason = system_probe_mode(privileged)
         self._ident = random.getrandbits(16)  # ours alone: concurrent Probers never collide
@@ -123,7 +130,8 @@ class Prober:
         with self._lock:
             series = {k: s.snapshot() for k, s in self._store.items()}
             return ProbeSnapshot(series, self._failure, self._round_seconds, self._rounds,
-                                 dict(self._send_errors))
+                                 dict(self._send_errors), self._flows, self._per_round,
+                                 dict(self._skipped()))
 
     def start(self) -> None:
         self._loop.start()
@@ -158,13 +166,13 @@ class Prober:
                     s = self._store.setdefault(key, _Series(t, deque(maxlen=self.window),
                                                             deque(maxlen=self.baseline)))
                     s.target = t
-            flows = sorted({(t.address, t.mark, t.bind_device) for t in targets.values()},
-                           key=lambda f: (f[0].version, int(f[0]), f[1], f[2]))
+            flows = self._this_round(targets.values())
             results: dict[ProbeFlow, Result] = {}
             unopened: list[str] = []
             used: set[ChannelKey] = set()
             for start in range(0, len(flows), SEQUENCES):  # sequence numbers never repeat
-                self._probe(flows[start:start + SEQUENCES], results, unopened, used)
+                self._probe(flows[start:start + SEQUENCES], results, unopened, used,
+                            began + start / self.max_rate if self.max_rate else None)
             self._close_channels(keep=used)
             with self._lock:
                 for key, t in targets.items():
@@ -177,13 +185,41 @@ class Prober:
                 self._round_seconds = self._clock() - began
                 self._rounds += 1
 
+    def _this_round(self, targets: Iterable[ProbeTarget]) -> list[ProbeFlow]:
+        """The flows of this round: all of them, or within the budget the urgent ones and
+        the next others in turn, so every flow is reached within flows / budget rounds."""
+        ordered: dict[ProbeFlow, bool] = {}
+        for t in targets:
+            flow = (t.address, t.mark, t.bind_device)
+            ordered[flow] = ordered.get(flow, False) or t.urgent
+        budget = len(ordered)
+        if self.max_rate is not None:
+            budget = min(budget, max(1, int(self.max_rate * self.interval)))
+        self._flows, self._per_round = len(ordered), budget
+        if budget == len(ordered):
+            chosen = list(ordered)
+        else:
+            first = [f for f, urgent in ordered.items() if urgent][:budget]
+            rest = [f for f, urgent in ordered.items() if not urgent]
+            take = budget - len(first)
+            start = self._cursor % len(rest) if rest else 0
+            chosen = first + (rest + rest)[start:start + min(take, len(rest))]
+            self._cursor = start + take
+        return sorted(chosen, key=lambda f: (f[0].version, int(f[0]), f[1], f[2]))
+
     def _probe(self, flows: Sequence[ProbeFlow], results: dict[ProbeFlow, Result],
-               unopened: list[str], used: set[ChannelKey]) -> None:
+               unopened: list[str], used: set[ChannelKey], paced_from: float | None) -> None:
         """One echo per flow, then replies until all answered or timeout. A socket that
-        cannot be opened fails the prober (`unopened`); a send that fails is that flow's."""
+        cannot be opened fails the prober (`unopened`); a send that fails is that flow's.
+        With `paced_from`, the sends are spread at --probe.max-rate from that time on."""
         pending: dict[tuple[ChannelKey, int], _Pending] = {}
+        stop = self._loop.stopping if self._loop.on_this_thread() else None
         for count, flow in enumerate(flows, 1):
-            if count % DRAIN_EVERY == 0:  # read what came back so far: the buffer never fills
+            if paced_from is not None and self.max_rate:
+                due = paced_from + (count - 1) / self.max_rate
+                while (left := due - self._clock()) > 0 and not (stop and stop.is_set()):
+                    self._wait_replies(used, pending, results, left)
+            elif count % DRAIN_EVERY == 0:  # read what came back so far: the buffer never fills
                 for k in used:
                     self._receive(k, pending, results)
             key = _key(flow)
@@ -207,13 +243,21 @@ class Prober:
                                        f"{e.strerror or e}")
                 continue
             pending[key, self._seq] = _Pending(flow, ch.ident(self._ident), token, wall, mono)
-        stop = self._loop.stopping if self._loop.on_this_thread() else None
         deadline = self._clock() + self.timeout
         while pending and not (stop and stop.is_set()) and (left := deadline - self._clock()) > 0:
-            chans = {self._channels[k].fileno(): k for k in used}
-            for fd in select.select(list(chans), [], [], min(left, 0.1))[0]:
-                self._receive(chans[fd], pending, results)
+            self._wait_replies(used, pending, results, min(left, 0.1))
         results.update({p.flow: (None, p.note) for p in pending.values()})
+
+    def _wait_replies(self, used: set[ChannelKey],
+                      pending: dict[tuple[ChannelKey, int], _Pending],
+                      results: dict[ProbeFlow, Result], seconds: float) -> None:
+        """Up to `seconds` of waiting, reading every reply that arrives meanwhile."""
+        chans = {self._channels[k].fileno(): k for k in used}
+        if not chans:
+            time.sleep(seconds)
+            return
+        for fd in select.select(list(chans), [], [], seconds)[0]:
+            self._receive(chans[fd], pending, results)
 
     def _receive(self, key: ChannelKey, pending: dict[tuple[ChannelKey, int], _Pending],
                  results: dict[ProbeFlow, Result]) -> None:

@@ -13,7 +13,7 @@ from wgnest.analysis.paths import PeerPath
 from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot, ProbeTarget
 from wgnest.probe.prober import Prober
-from wgnest.probe.targets import probe_targets
+from wgnest.probe.targets import Selection, TargetPlan, probe_targets
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +21,33 @@ log = logging.getLogger(__name__)
 def make_prober(args: argparse.Namespace,
                 state: Callable[[], tuple[Snapshot, Sequence[PeerPath]] | None]) -> Prober:
     explicit = dict(args.probe_targets)
-    last: list[tuple[Snapshot, list[ProbeTarget]]] = []  # targets of the newest snapshot
+    selection = Selection(args.probe_device, frozenset(args.probe_peers))
+    last: list[tuple[Snapshot, TargetPlan]] = []  # the plan of the newest snapshot
 
-    def targets() -> list[ProbeTarget]:
-        """Derived once per snapshot, not once per probe round."""
+    def plan() -> TargetPlan | None:
+        """Derived once per snapshot, not once per probe round; anomalous peers (by the
+        prober's own series so far) go first with the nested ones."""
         current = state()
         if current is None:
-            return []
+            return None
         if not last or last[0][0] is not current[0]:
-            last[:] = [(current[0], probe_targets(current[0], current[1], explicit))]
+            snap, paths = current
+            verdicts = peer_latencies(prober.snapshot(), [(p.device, p.public_key) for p in paths],
+                                      args.anomaly_ratio, args.anomaly_min_excess)
+            urgent = {k for k, v in verdicts.items() if v.anomaly}
+            last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent))]
         return last[0][1]
 
-    return Prober(targets, interval=args.probe_interval, timeout=args.probe_timeout)
+    def targets() -> list[ProbeTarget]:
+        current = plan()
+        return current.targets if current is not None else []
+
+    def skipped() -> dict[str, int]:
+        return dict(last[0][1].skipped) if last else {}
+
+    prober = Prober(targets, interval=args.probe_interval, timeout=args.probe_timeout,
+                    max_rate=args.probe_max_rate, skipped=skipped)
+    return prober
 
 
 def measure_latency(args: argparse.Namespace, snap: Snapshot, paths: list[PeerPath]

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import gzip
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wgnest.analysis.paths import PeerPath, diagnose
 from wgnest.model.failures import SourceFailure
@@ -54,6 +55,14 @@ class State:
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
     body: bytes  # the WireGuard and probe families
     exposition: bytes  # body + the exporter's health families
+    _gzip: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    def gzipped(self) -> bytes:
+        """The exposition gzip-compressed, once per refresh (on the first scrape that asks:
+        no cost when no scraper does)."""
+        if not self._gzip:
+            self._gzip.append(gzip.compress(self.exposition, compresslevel=6, mtime=0))
+        return self._gzip[0]
 
 
 def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import os
 import signal
@@ -64,6 +65,10 @@ class _Pages:
         """Rendered by the refresher (probe metrics included): a scrape copies bytes."""
         state = self.refresher.state
         return state.exposition if state is not None else b""
+
+    def metrics_gzip(self) -> bytes:
+        state = self.refresher.state
+        return state.gzipped() if state is not None else gzip.compress(b"", mtime=0)
 
     def status_page(self) -> str:
         state = self.refresher.state

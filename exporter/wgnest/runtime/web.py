@@ -43,7 +43,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -80,6 +80,21 @@ _WRITE_CHUNK = 256 * 1024
 _LINGER_BYTES = 256 * 1024
 _FD_RESERVE = 256  # descriptors left for everything else in the process
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def accepts_gzip(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether Accept-Encoding allows gzip (Prometheus always sends `gzip`); `q=0` refuses."""
+    for name, value in headers:
+        if name != b"accept-encoding":
+            continue
+        for item in value.split(b","):
+            coding, _, params = item.strip().partition(b";")
+            if coding.strip().lower() not in (b"gzip", b"*"):
+                continue
+            q = params.strip().lower()
+            if not (q.startswith(b"q=") and q[2:].strip() in (b"0", b"0.0", b"0.00", b"0.000")):
+                return True
+    return False
 
 
 class Handlers(Protocol):
@@ -646,6 +661,13 @@ class _App:
         try:
             if path == self.telemetry_path:
                 status, body, ctype = 200, self.handlers.metrics(), CONTENT_TYPE_LATEST.encode()
+                gzipped = getattr(self.handlers, "metrics_gzip", None)
+                if gzipped is not None and accepts_gzip(req.headers):
+                    # compressed once per refresh, in a thread, never per scrape
+                    body = await asyncio.get_running_loop().run_in_executor(self.pages, gzipped)
+                    extra = ((b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"))
+                    return await self._respond(conn, stream, h, req, status, body, close,
+                                               extra, ctype)
             elif path == b"/":
                 if self.pending_pages >= MAX_PENDING_PAGES:
                     raise _Reply(503, ((b"Retry-After", b"1"),))
