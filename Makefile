@@ -3,10 +3,11 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 APT_PKGS := wireguard-tools wireguard-go iproute2 iptables nftables iputils-ping \
-            prometheus prometheus-alertmanager chromium
+            prometheus prometheus-alertmanager chromium \
+            qemu-system-x86 kmod busybox-static udev file
 LISTEN  ?= :9586
 
-.PHONY: run test lint system-deps venv clean
+.PHONY: run test kernel-test lint system-deps venv clean
 
 $(BIN)/wgnest: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,8 +26,16 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# The main suite, then the kernel stage (tests/kernel/: Debian's kernel booted once under
+# QEMU, kernel WireGuard). Both always run; either failing fails `make test`.
 test: system-deps venv lint
-	$(BIN)/pytest
+	@echo "$(BIN)/pytest"; $(BIN)/pytest; main=$$?; \
+	$(MAKE) --no-print-directory kernel-test; kernel=$$?; \
+	if [ $$main -ne 0 ]; then exit $$main; fi; exit $$kernel
+
+# Only the kernel stage: `make kernel-test KERNEL_PYTEST_ARGS="-k seed -x"`.
+kernel-test: system-deps venv
+	$(BIN)/python tests/kernel/stage.py $(KERNEL_PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check exporter tests bench

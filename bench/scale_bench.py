@@ -229,8 +229,8 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
     reader = Reader()
     try:
         snap = take(reader)
-        if snap.errors:
-            raise RuntimeError(f"take() failed: {snap.errors}")
+        if snap.failures:
+            raise RuntimeError(f"take() failed: {snap.failures}")
         peers = sum(len(d.peers) for d in snap.devices if d.name == dev)
         invalidations = reader.lookup.invalidations
         warm, parts = [], []
@@ -298,8 +298,8 @@ def measure_rss(dev: str, refreshes: int = 6) -> dict[str, Any]:
     refresher = Refresher(lambda: take(reader), 3600.0)
     try:
         state = refresher.refresh_once()
-        if state.snapshot.errors or not any(d.name == dev for d in state.snapshot.devices):
-            raise RuntimeError(f"refresh failed: {state.snapshot.errors}")
+        if state.snapshot.failures or not any(d.name == dev for d in state.snapshot.devices):
+            raise RuntimeError(f"refresh failed: {state.snapshot.failures}")
         out["rss_first"] = vm_status()["VmRSS"]
         server = serve("127.0.0.1:0", _Pages(lambda: refresher.state))
         try:

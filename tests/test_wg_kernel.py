@@ -266,3 +266,24 @@ def test_open_failure_is_a_source_error(exc: BaseException, reason: str) -> None
 def test_device_type_has_no_secret_fields() -> None:
     fields = set(Device.__dataclass_fields__)
     assert not {f for f in fields if "private" in f or "preshared" in f}
+
+
+def flagged(msgs: list[wgmsg]) -> list[wgmsg]:
+    """The same messages, the last one carrying NLM_F_DUMP_INTR as the kernel sets it."""
+    msgs[-1]["header"]["flags"] = int(msgs[-1]["header"].get("flags", 0)) | 0x10
+    return msgs
+
+
+def test_dump_flagged_interrupted_is_read_again() -> None:
+    """pyroute2 never raises NetlinkDumpInterrupted: the flag on a message is what tells
+    that the dump mixes two states (seen in the kernel stage)."""
+    stale = flagged([wire(device_attrs(), [peer(0, ("10.0.0.0/8",), v4("192.0.2.9"))])])
+    wg = FakeWG(stale, one_peer_dump())
+    devices, errors = kernel_devices([LINK], lambda: wg)
+    assert errors == []
+    assert [str(n) for n in devices[0].peers[0].allowed_ips] == ["0.0.0.0/0"]
+    assert wg.calls == ["wg0", "wg0"]
+    always = FakeWG(*[flagged(one_peer_dump()) for _ in range(3)])
+    devices, errors = kernel_devices([LINK], lambda: always)
+    assert devices == []
+    assert [e.reason for e in errors] == ["dump_intr"]

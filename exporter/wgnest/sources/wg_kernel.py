@@ -21,6 +21,7 @@ from wgnest.sources.peer_builder import PeerBuilder
 
 log = logging.getLogger(__name__)
 DUMP_RETRIES = 3
+NLM_F_DUMP_INTR = 0x10
 
 
 def _key(value: Any) -> str:
@@ -101,10 +102,20 @@ def kernel_devices(
     return devices, errors
 
 
+def _interrupted(messages: Sequence[Any]) -> bool:
+    """NLM_F_DUMP_INTR: the device changed while the kernel was dumping it, so the messages
+    mix two states. pyroute2 passes the flag through on each message but never raises
+    NetlinkDumpInterrupted for it."""
+    return any(int(m["header"].get("flags", 0)) & NLM_F_DUMP_INTR for m in messages)
+
+
 def _read_one(wg: Any, link: Link) -> Device:
     for _attempt in range(DUMP_RETRIES):
         try:
-            return merge_dump(list(wg.info(link.name)), link)
+            messages = list(wg.info(link.name))
+            if _interrupted(messages):
+                continue
+            return merge_dump(messages, link)
         except NetlinkDumpInterrupted:
             continue
         except (OSError, NetlinkError) as exc:

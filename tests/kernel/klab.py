@@ -1,0 +1,97 @@
+"""Labs of kernel WireGuard devices, for the kernel stage's guest (see stage.py).
+
+KernelLab is tests.lab.lab.Lab with its servers made by the kernel (`ip link add type
+wireguard` + `wg set`) instead of wireguard-go; the client tunnels are brought up by the real
+`wg-quick up` as in the userspace labs, which with the module loaded makes kernel devices.
+Everything is removed again by Lab.close() (namespaces take their devices with them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.lab.lab import REPO, Host, Lab, Server, genkey, http_get, run
+
+WGNEST = REPO / ".venv" / "bin" / "wgnest"
+# The guest runs Python ~10-80x slower than the host: one wgnest process takes tens of seconds.
+WGNEST_TIMEOUT = 300.0
+
+
+def wgnest(*args: str, ns: str, timeout: float = WGNEST_TIMEOUT
+           ) -> subprocess.CompletedProcess[str]:
+    return run(str(WGNEST), *args, ns=ns, check=False, timeout=timeout)
+
+
+def check_json(ns: str, config_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    """`wgnest check --format json --no-probe.enabled` in `ns`: (exit code, document)."""
+    res = wgnest("check", "--format", "json", "--no-probe.enabled", "--config-dir",
+                 str(config_dir), *args, ns=ns)
+    assert res.stdout, f"exit {res.returncode}: {res.stderr[-2000:]}"
+    return res.returncode, json.loads(res.stdout)
+
+
+def peer_of(doc: dict[str, Any], device: str) -> dict[str, Any]:
+    (peer,) = [p for p in doc["peers"] if p["device"] == device]
+    return peer
+
+
+def link_kind(ns: str, name: str) -> str:
+    """The kind of link `name` as the kernel reports it (`wireguard` for a kernel device,
+    `tun` for wireguard-go's)."""
+    doc = json.loads(run("ip", "-d", "-j", "link", "show", name, ns=ns).stdout)
+    return str(doc[0].get("linkinfo", {}).get("info_kind", ""))
+
+
+class KernelLab(Lab):
+    """The userspace lab's topology with kernel WireGuard servers."""
+
+    def _server(self, host: Host, i: int) -> Server:
+        name = f"{self.tag}s{i}"
+        private, public = genkey()
+        self.private_keys.append(private)
+        srv = Server(host, name, private, public, f"10.20{i}.0.1", f"fd0{i}::1")
+        keyfile = self.workdir / f"{name}.key"
+        keyfile.write_text(private + "\n")
+        keyfile.chmod(0o600)
+        run("ip", "link", "add", name, "type", "wireguard", ns=host.ns)
+        run("wg", "set", name, "listen-port", str(srv.port), "private-key", str(keyfile),
+            ns=host.ns)
+        run("ip", "addr", "add", f"{srv.tunnel_v4}/24", "dev", name, ns=host.ns)
+        run("ip", "-6", "addr", "add", f"{srv.tunnel_v6}/64", "dev", name, "nodad", ns=host.ns)
+        run("ip", "link", "set", name, "up", ns=host.ns)
+        run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=host.ns)
+        run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=host.ns)
+        # As in the userspace lab: what leaves towards the router is masqueraded, so a far
+        # server sees this server's address as the source of a tunnel nested in this one.
+        run("nft", "-f", "-", ns=host.ns, input=(
+            "table inet labnat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+            f'  oifname "{host.dev}" masquerade\n }}\n}}\n'))
+        return srv
+
+    def serve(self, *args: str, port: int = 9586) -> subprocess.Popen[str]:
+        """`wgnest serve` in the client namespace on its loopback, with a start-up deadline
+        the guest's slow Python needs; logs go to a file."""
+        log = self.serve_log = self.workdir / "serve.log"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.client.ns, str(WGNEST), "serve",
+             "--web.listen-address", f"127.0.0.1:{port}", "--config-dir", str(self.workdir),
+             "--log.level", "debug", *args],
+            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=dict(os.environ), text=True)
+        self.extra_procs.append(proc)
+        deadline = time.monotonic() + WGNEST_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                status, _ = http_get(self.client.ns, f"http://127.0.0.1:{port}/-/healthy")
+                if status == 200:
+                    return proc
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"wgnest serve did not start: {log.read_text()[-2000:]}")
