@@ -199,7 +199,8 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
     from wgnest.runtime.web import serve
     from wgnest.snapshot import Reader, take
     from wgnest.sources.netstate import _open_default
-    from wgnest.surfaces.metrics import SnapshotCollector
+    from wgnest.surfaces.exposition import as_metrics
+    from wgnest.surfaces.metrics import wireguard_families
 
     _open_default().close()  # pyroute2's lazy import is a one-time cost, not a refresh's
     out: dict[str, Any] = {"rss_start": vm_status()["VmRSS"],
@@ -258,7 +259,13 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
             timed(lambda: render(snap, paths, {}))[0] for _ in range(runs))
         body = render(snap, paths, {})
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(snap, paths, {}))
+        metrics = as_metrics(wireguard_families(snap, paths, {}))
+
+        class Fixed:
+            def collect(self) -> Any:
+                return iter(metrics)
+
+        registry.register(Fixed())  # type: ignore[arg-type]
         if generate_latest(registry) != body:
             raise RuntimeError("render() differs from prometheus_client's generate_latest()")
         out["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))

@@ -43,6 +43,7 @@ METRIC_LABELS = MappingProxyType({
     "wireguard_probe_packets_sent_total": _PROBE,
     "wireguard_probe_packets_received_total": _PROBE,
     "wireguard_peer_latency_overhead_ratio": _PEER,
+    "wireguard_peer_rtt_seconds": _PROBE,
     "wireguard_peer_latency_anomaly": _PEER,
     # the exporter itself
     "wgnest_collector_success": _COLLECTOR,

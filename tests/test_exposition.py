@@ -79,3 +79,31 @@ def test_per_peer_family_same_bytes() -> None:
     for i in range(1000):
         fam.add_metric([f"wg{i % 3}", f"key{i}+/=", "wg0" if i % 2 else ""], i % 2)
     assert exposition([fam]) == reference([fam])
+
+
+def test_light_families_write_what_generate_latest_writes() -> None:
+    """The per-peer families are built as light Family objects; their text is byte for byte
+    the prometheus_client form's, names with quotes, newlines and backslashes included."""
+    from tests.test_analysis import KA, KB, double, ipv6, other_tunnels, seed
+    from wgnest.analysis.paths import diagnose
+    from wgnest.surfaces.exposition import as_metrics
+    from wgnest.surfaces.metrics import wireguard_families
+
+    names = {KA: 'the "first"\nline', KB: "back\\slash ünï"}
+    for build in (seed, double, ipv6, other_tunnels):
+        snap = build()
+        families = wireguard_families(snap, diagnose(snap), names)
+        assert exposition(families) == reference(as_metrics(families))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(TEXT, min_size=2, max_size=2), VALUES), max_size=6),
+       st.sampled_from(["gauge", "counter"]))
+def test_light_family_any_values(rows: list[tuple[list[str], float]], kind: str) -> None:
+    from wgnest.surfaces.exposition import Family
+
+    fam = Family("wgtest_light", kind, "help \\ with\nnewline", ("zeta", "alpha"))
+    for values, value in rows:
+        fam.add((values[0], values[1]), abs(value) if kind == "counter" and value == value
+                else (0 if kind == "counter" else value))
+    assert exposition([fam]) == reference([fam.as_metric()])

@@ -27,6 +27,7 @@ from wgnest.analysis.latency import PeerLatency, peer_latencies
 from wgnest.model.probes import BUCKETS, ProbeSnapshot, ProbeTarget, SeriesSnapshot
 from wgnest.probe.icmp import Channel, Reply, probe_mode
 from wgnest.probe.prober import Prober
+from wgnest.surfaces.exposition import as_metrics
 from wgnest.surfaces.probe_metrics import probe_families
 
 A = ip_address
@@ -233,7 +234,7 @@ def series(path: str, rtts: Sequence[float], sent: int, key: str = "k1") -> Seri
 def render(snap: ProbeSnapshot) -> str:
     class Collector:
         def collect(self) -> Iterator[Metric]:
-            return probe_families(snap, 1.5, 0.005)
+            return iter(as_metrics(list(probe_families(snap, 1.5, 0.005))))
 
     reg = CollectorRegistry()
     reg.register(Collector())
@@ -602,3 +603,36 @@ def test_without_a_budget_every_flow_goes_every_round() -> None:
     p = FakeProber(lambda: ts, {})
     p.run_once()
     assert {s.sent for s in p.snapshot().series.values()} == {1}
+
+
+def test_lean_probe_families_hold_at_most_two_rtt_series_a_peer() -> None:
+    """Without --probe.histograms: the real path's median and, only when its flow differs
+    (a nested peer with a fix), the direct one; plus the anomaly verdict."""
+    import dataclasses
+
+    def at(target_: ProbeTarget, rtts: list[float]) -> SeriesSnapshot:
+        return dataclasses.replace(series(target_.path, rtts, 5), target=target_)
+
+    # k1 is direct: its direct flow is its transport flow; k2 is nested, fixed by a mark
+    direct_same = at(target("198.18.0.9", "direct"), [0.02] * 5)
+    transport = at(target("198.18.0.9", "transport"), [0.02] * 5)
+    fixed = at(target("198.18.0.9", "direct", mark=51820, key="k2"), [0.001] * 5)
+    nested = at(target("198.18.0.9", "transport", key="k2"), [0.04] * 5)
+    snap = ProbeSnapshot({("wg0", "k1", "direct"): direct_same,
+                          ("wg0", "k1", "transport"): transport,
+                          ("wg0", "k2", "direct"): fixed, ("wg0", "k2", "transport"): nested})
+
+    class Lean:
+        def collect(self) -> Iterator[Metric]:
+            return iter(as_metrics(list(probe_families(snap, 1.5, 0.005, detail=False))))
+
+    reg = CollectorRegistry()
+    reg.register(Lean())
+    text = generate_latest(reg).decode()
+    rtt = [line for line in text.splitlines() if line.startswith("wireguard_peer_rtt_seconds{")]
+    assert sorted(rtt) == [
+        'wireguard_peer_rtt_seconds{device="wg0",path="direct",public_key="k2"} 0.001',
+        'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k1"} 0.02',
+        'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k2"} 0.04']
+    assert "wireguard_probe_rtt_seconds" not in text
+    assert 'wireguard_peer_latency_anomaly{device="wg0",public_key="k2"} 1.0' in text

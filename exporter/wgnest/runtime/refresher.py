@@ -27,7 +27,7 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.periodic import Periodic
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
-from wgnest.surfaces.metrics import Health, SnapshotCollector, exporter_families
+from wgnest.surfaces.metrics import Health, exporter_families, wireguard_families
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class State:
 
 
 def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> bytes:
-    return exposition(SnapshotCollector(snap, paths, names).collect())
+    return exposition(wireguard_families(snap, paths, names))
 
 
 def _return_free_memory() -> None:

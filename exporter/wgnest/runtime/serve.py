@@ -85,7 +85,8 @@ class _Pages:
 
 def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot], bytes]:
     def render(probes: ProbeSnapshot) -> bytes:
-        return exposition(probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess))
+        return exposition(probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess,
+                                         args.probe_histograms))
 
     return render
 

@@ -9,15 +9,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from wgnest import __version__
 from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
 from wgnest.model.host import IPNetwork, Peer, Snapshot
+from wgnest.surfaces.exposition import Family
 
-DP = ["device", "public_key"]
+DP = ("device", "public_key")
 
 
 _LABELS_MAX = 1 << 16
@@ -35,84 +35,79 @@ def allowed_ips_label(peer: Peer) -> str:
     return label
 
 
-def device_families(snap: Snapshot) -> Iterator[Metric]:
-    info = GaugeMetricFamily("wireguard_device_info", "WireGuard device (value 1).",
-                             labels=DP)
-    fwmark = GaugeMetricFamily("wireguard_device_fwmark",
-                               "Firewall mark of the device's transport packets (0 = none).",
-                               labels=["device"])
-    port = GaugeMetricFamily("wireguard_device_listen_port", "UDP port the device listens on.",
-                             labels=["device"])
-    mtu = GaugeMetricFamily("wireguard_device_mtu_bytes", "MTU of the device.",
-                            labels=["device"])
+def _gauge(name: str, doc: str, *labels: str) -> Family:
+    return Family(name, "gauge", doc, labels)
+
+
+def device_families(snap: Snapshot) -> Iterator[Family]:
+    info = _gauge("wireguard_device_info", "WireGuard device (value 1).", *DP)
+    fwmark = _gauge("wireguard_device_fwmark",
+                    "Firewall mark of the device's transport packets (0 = none).", "device")
+    port = _gauge("wireguard_device_listen_port", "UDP port the device listens on.", "device")
+    mtu = _gauge("wireguard_device_mtu_bytes", "MTU of the device.", "device")
     for d in snap.devices:
-        info.add_metric([d.name, d.public_key], 1)
-        fwmark.add_metric([d.name], d.fwmark)
-        port.add_metric([d.name], d.listen_port)
-        mtu.add_metric([d.name], d.mtu)
+        info.add((d.name, d.public_key), 1)
+        fwmark.add((d.name,), d.fwmark)
+        port.add((d.name,), d.listen_port)
+        mtu.add((d.name,), d.mtu)
     yield from (info, fwmark, port, mtu)
 
 
-def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Metric]:
-    info = GaugeMetricFamily(
-        "wireguard_peer_info", "WireGuard peer (value 1): endpoint, friendly name, allowed IPs.",
-        labels=[*DP, "endpoint", "name", "allowed_ips"])
-    rx = CounterMetricFamily("wireguard_peer_receive_bytes", "Bytes received from the peer.",
-                             labels=DP)
-    tx = CounterMetricFamily("wireguard_peer_transmit_bytes", "Bytes sent to the peer.",
-                             labels=DP)
-    last = GaugeMetricFamily(
-        "wireguard_peer_last_handshake_seconds",
-        "Unix time of the last handshake with the peer; 0 if there was none.", labels=DP)
-    age = GaugeMetricFamily(
-        "wireguard_peer_handshake_age_seconds",
-        "Seconds from the last handshake to the snapshot; absent if there was none.", labels=DP)
+def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
+    info = _gauge("wireguard_peer_info",
+                  "WireGuard peer (value 1): endpoint, friendly name, allowed IPs.",
+                  *DP, "endpoint", "name", "allowed_ips")
+    rx = Family("wireguard_peer_receive_bytes", "counter", "Bytes received from the peer.", DP)
+    tx = Family("wireguard_peer_transmit_bytes", "counter", "Bytes sent to the peer.", DP)
+    last = _gauge("wireguard_peer_last_handshake_seconds",
+                  "Unix time of the last handshake with the peer; 0 if there was none.", *DP)
+    age = _gauge("wireguard_peer_handshake_age_seconds",
+                 "Seconds from the last handshake to the snapshot; absent if there was none.",
+                 *DP)
+    taken_at = snap.taken_at
     for d in snap.devices:
         for p in d.peers:
-            labels = [d.name, p.public_key]
-            info.add_metric([*labels, str(p.endpoint or ""), names.get(p.public_key, ""),
-                             allowed_ips_label(p)], 1)
-            rx.add_metric(labels, p.rx_bytes)
-            tx.add_metric(labels, p.tx_bytes)
-            last.add_metric(labels, p.last_handshake)
+            labels = (d.name, p.public_key)
+            info.add((*labels, str(p.endpoint or ""), names.get(p.public_key, ""),
+                      allowed_ips_label(p)), 1)
+            rx.add(labels, p.rx_bytes)
+            tx.add(labels, p.tx_bytes)
+            last.add(labels, p.last_handshake)
             if p.last_handshake > 0:
-                age.add_metric(labels, max(0.0, snap.taken_at - p.last_handshake))
+                age.add(labels, max(0.0, taken_at - p.last_handshake))
     yield from (info, rx, tx, last, age)
 
 
-def path_families(paths: Sequence[PeerPath]) -> Iterator[Metric]:
-    route = GaugeMetricFamily(
-        "wireguard_peer_endpoint_route_info",
-        "Route the kernel picks for the peer's transport packets (value 1).",
-        labels=[*DP, "endpoint", "egress_device", "table", "gateway"])
-    nested = GaugeMetricFamily(
+def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
+    route = _gauge("wireguard_peer_endpoint_route_info",
+                   "Route the kernel picks for the peer's transport packets (value 1).",
+                   *DP, "endpoint", "egress_device", "table", "gateway")
+    nested = _gauge(
         "wireguard_peer_nested",
         "1 if the peer's transport packets are routed into another tunnel (outer_device).",
-        labels=[*DP, "outer_device"])
-    loop = GaugeMetricFamily("wireguard_peer_routing_loop",
-                             "1 if the peer's transport packets are routed back into the "
-                             "tunnel itself (directly or through other tunnels).", labels=DP)
-    allowed = GaugeMetricFamily("wireguard_peer_nesting_allowed",
-                                "1 if this nesting was declared intentional (--allow-nesting).",
-                                labels=DP)
-    fwmark = GaugeMetricFamily(
+        *DP, "outer_device")
+    loop = _gauge("wireguard_peer_routing_loop",
+                  "1 if the peer's transport packets are routed back into the tunnel itself "
+                  "(directly or through other tunnels).", *DP)
+    allowed = _gauge("wireguard_peer_nesting_allowed",
+                     "1 if this nesting was declared intentional (--allow-nesting).", *DP)
+    fwmark = _gauge(
         "wireguard_peer_suggested_fwmark",
         "FwMark that routes the transport to the underlay (kernel-verified); 0 if none applies.",
-        labels=DP)
-    mtu = GaugeMetricFamily("wireguard_peer_nesting_mtu_cost_bytes",
-                            "Inner MTU bytes lost because the transport is nested; 0 if direct.",
-                            labels=DP)
+        *DP)
+    mtu = _gauge("wireguard_peer_nesting_mtu_cost_bytes",
+                 "Inner MTU bytes lost because the transport is nested; 0 if direct.", *DP)
     for p in paths:
-        labels = [p.device, p.public_key]
+        labels = (p.device, p.public_key)
         if p.endpoint and p.egress:
-            route.add_metric([*labels, p.endpoint, p.egress, p.table, p.gateway], 1)
+            route.add((*labels, p.endpoint, p.egress, p.table, p.gateway), 1)
         is_nested = p.verdict == PathVerdict.NESTED
-        nested.add_metric([*labels, p.outer if is_nested else ""], int(is_nested))
-        loop.add_metric(labels, int(p.verdict == PathVerdict.LOOP))
-        allowed.add_metric(labels, int(p.allowed))
+        nested.add((*labels, p.outer if is_nested else ""), int(is_nested))
+        loop.add(labels, int(p.verdict == PathVerdict.LOOP))
+        allowed.add(labels, int(p.allowed))
         verified = p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified
-        fwmark.add_metric(labels, p.fix.fwmark if p.fix is not None and verified else 0)
-        mtu.add_metric(labels, p.mtu.cost_bytes if p.mtu is not None and is_nested else 0)
+        fwmark.add(labels, p.fix.fwmark if p.fix is not None and verified else 0)
+        mtu.add(labels, p.mtu.cost_bytes if p.mtu is not None and is_nested else 0)
     yield from (route, nested, loop, allowed, fwmark, mtu)
 
 
@@ -162,14 +157,7 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
     yield from (success, duration, stamp, interval, stale, build, errors)
 
 
-class SnapshotCollector(Collector):
+def wireguard_families(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str]
+                       ) -> list[Family]:
     """The WireGuard families of one diagnosed snapshot; rendered once per refresh."""
-
-    def __init__(self, snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str]
-                 ) -> None:
-        self.snap, self.paths, self.names = snap, paths, names
-
-    def collect(self) -> Iterator[Metric]:
-        yield from device_families(self.snap)
-        yield from peer_families(self.snap, self.names)
-        yield from path_families(self.paths)
+    return [*device_families(snap), *peer_families(snap, names), *path_families(paths)]
