@@ -118,3 +118,16 @@ def test_durations_as_prometheus_spells_them(value: str, seconds: float) -> None
                                       "--wireguard.uapi-timeout", "250ms"])
     assert args.refresh_interval == seconds
     assert args.uapi_timeout == 0.25
+
+
+def test_library_loggers_stay_quiet_at_debug() -> None:
+    """--log.level debug never lets pyroute2 print decoded netlink replies (a kernel
+    device's private key among them), nor asyncio a line per event loop pyroute2 makes."""
+    import logging
+
+    from wgnest.runtime.cli import configure_logging
+
+    configure_logging("debug")
+    for name in ("pyroute2", "pyroute2.netlink.nlsocket", "asyncio"):
+        assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
+    assert logging.getLogger("wgnest").getEffectiveLevel() == logging.DEBUG

@@ -32,8 +32,9 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 # Libraries whose debug output is no one's business: pyroute2 logs every decoded netlink
-# reply at debug, a kernel device's private key among them.
-QUIET_LIBRARIES = ("pyroute2",)
+# reply at debug, a kernel device's private key among them; asyncio (pyroute2 runs an event
+# loop per call) a line for each loop it makes.
+QUIET_LIBRARIES = ("pyroute2", "asyncio")
 
 
 def configure_logging(level: str) -> None:
