@@ -345,6 +345,72 @@ def child(lab: ScaleLab, runs: int, profile: bool, env: list[str]) -> dict[str, 
     return row
 
 
+SCRAPER = r"""
+import gzip, http.client, json, statistics, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+times, raw, packed = [], b"", b""
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for enc in ("gzip", "identity"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        began = time.monotonic()
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": enc})
+        body = conn.getresponse().read()
+        times.append(time.monotonic() - began)
+        conn.close()
+        if enc == "gzip":
+            packed = body
+        else:
+            raw = body
+    time.sleep(0.25)
+times.sort()
+rank = max(0, -(-99 * len(times) // 100) - 1)
+print(json.dumps({"p50": times[len(times) // 2], "p99": times[rank],
+                  "scrapes": len(times), "raw": len(raw), "gzip": len(packed),
+                  "series": sum(1 for l in raw.splitlines() if l and not l.startswith(b"#")),
+                  "same": gzip.decompress(packed).count(b"\n") > 0}))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_run(lab: ScaleLab, warmup: float = 12.0, seconds: float = 20.0,
+              args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`wgnest serve` with its defaults (probes on, 5 s refresh) on the lab's device: its
+    share of one core and RSS over `seconds` after `warmup`, and /metrics from a client in
+    the same namespace (median, p99, bytes raw and gzip, series)."""
+    port = 19586
+    env = {**os.environ, "PYTHONPATH": EXPORTER}
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns, sys.executable, "-m", "wgnest", "serve",
+         "--web.listen-address", f"127.0.0.1:{port}", "--log.level", "warning", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        time.sleep(warmup)
+        if proc.poll() is not None:
+            raise RuntimeError(f"wgnest serve exited with {proc.returncode}")
+        cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
+        scrape = run("ip", "netns", "exec", lab.ns, sys.executable, "-c", SCRAPER, str(port),
+                     str(seconds), timeout=seconds + 60)
+        cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        rss = next(int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("VmRSS")) / 1024
+        out: dict[str, Any] = json.loads(scrape.stdout.strip().splitlines()[-1])
+        out.update(core=(cpu1 - cpu0) / (wall1 - wall0), rss=rss)
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -393,6 +459,16 @@ def report(rows: list[dict[str, Any]], runs: int) -> None:
         if len(extra) > 1:
             print(f"          note: `wg show all dump` also listed {len(extra) - 1} other "
                   "device(s) of this host's UAPI directory")
+    if all("defaults" in r for r in rows):
+        print("\n`wgnest serve` with its defaults (probes on, refresh 5s), 20 s after 12 s of "
+              "warm-up; /metrics from a client in the same namespace:")
+        for r in rows:
+            d = r["defaults"]
+            print(f"  {r['peers']:>6} peers: {d['core'] * 100:.1f} % of one core, RSS "
+                  f"{d['rss']:.1f} MiB; /metrics p50 {ms(d['p50'])} ms, p99 {ms(d['p99'])} ms "
+                  f"({d['scrapes']} scrapes); {d['series']} series = "
+                  f"{d['series'] / r['peers']:.1f} per peer; {d['raw'] / 1e6:.2f} MB raw, "
+                  f"{d['gzip'] / 1e6:.2f} MB gzip")
     big = max(rows, key=lambda r: r["peers"])
     print(f"\ngoals at {big['peers']} peers:")
     ratio = big["warm"] / big["dump_all"]
@@ -416,6 +492,8 @@ def main() -> int:
                    help="environment of the measuring process, e.g. MALLOC_MMAP_THRESHOLD_=131072")
     p.add_argument("--exporter", metavar="DIR", help="measure the wgnest package in DIR "
                    "(e.g. an extracted older commit's exporter/) instead of this checkout's")
+    p.add_argument("--no-serve", action="store_true",
+                   help="skip the run of `wgnest serve` with its defaults (probes on)")
     p.add_argument("--child", metavar="DEV", help=argparse.SUPPRESS)
     p.add_argument("--child-rss", metavar="DEV", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -440,6 +518,8 @@ def main() -> int:
             took = lab.set_peers(n)
             print(f"  {n} peers configured over UAPI in {took:.2f} s; measuring ...", flush=True)
             row = child(lab, args.runs, args.profile, args.env)
+            if not args.no_serve:
+                row["defaults"] = serve_run(lab, args=("--no-probe.histograms",))
             rows.append(row)
             if args.profile:
                 print(row.pop("profile"))

@@ -560,3 +560,30 @@ def test_unknown_names_every_device_that_failed() -> None:
     assert "wg5.sock" in v.summary
     assert "wg6.sock" in v.summary
     assert v.summary.count("root-only") == 2
+
+
+@pytest.mark.parametrize("build", [seed, fixed, main_capture, double, ipv6, unroutable,
+                                   other_tunnels, two_full])
+def test_incremental_diagnose_equals_a_fresh_one(build: Build) -> None:
+    """Reusing the previous paths gives exactly the paths a fresh diagnosis gives, and the
+    self-contained ones are the previous objects themselves (no analysis redone)."""
+    s = build()
+    first = diagnose(s)
+    again = dataclasses.replace(s, taken_at=s.taken_at + 5)
+    second = diagnose(again, (), (s, first))
+    assert second == diagnose(again)
+    reused = [b is a for a, b in zip(first, second, strict=True)]
+    assert reused == [p.verdict in ("direct", "no_endpoint", "no_route") for p in first]
+
+
+def test_incremental_diagnose_redoes_what_changed() -> None:
+    s = seed()
+    first = diagnose(s)
+    # the kernel now routes wg0's transport elsewhere: its path is built anew
+    moved = dataclasses.replace(s, lookups={**s.lookups,
+                                            flow(EP0, 51820, 51820): into(WG2, 254)})
+    assert diagnose(moved, (), (s, first)) == diagnose(moved)
+    assert path_of(diagnose(moved, (), (s, first)), KA).verdict == NESTED
+    # a rule changed: nothing is reused
+    ruled = dataclasses.replace(s, rules=(*s.rules, Rule(4, 5, 9, 1)))
+    assert not any(b is a for a, b in zip(first, diagnose(ruled, (), (s, first)), strict=True))

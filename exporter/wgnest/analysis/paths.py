@@ -6,7 +6,7 @@ candidate fixes, see fix_flows). Output is one PeerPath per peer.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -171,10 +171,46 @@ def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tupl
         mtu=None if loop else _mtu(view, device, peer, hops))
 
 
-def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = ()) -> list[PeerPath]:
-    """One PeerPath per peer of every device. `allow` holds (inner, outer) device pairs."""
+def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),
+             previous: tuple[Snapshot, Sequence[PeerPath]] | None = None) -> list[PeerPath]:
+    """One PeerPath per peer of every device. `allow` holds (inner, outer) device pairs.
+
+    With the `previous` snapshot and its paths, a peer whose path cannot have changed keeps
+    it: the host's links, rules, main table and UDP sockets are the same, and so are the
+    peer's device, endpoint and the kernel's answer for its flow, and its path was one that
+    depends on nothing else (direct, no endpoint, no route). A refresh of a gateway whose
+    peers mostly keep their endpoints then analyses only the ones that moved."""
     view = HostView(snap)
-    return [peer_path(view, d, p, allow) for d in snap.devices for p in d.peers]
+    reuse = _reusable(snap, previous) if previous is not None else {}
+    out: list[PeerPath] = []
+    for d in snap.devices:
+        static = (d.ifindex, d.implementation, d.listen_port, d.fwmark)
+        for p in d.peers:
+            old = reuse.get((d.name, p.public_key))
+            if old is not None and old[0] == static and old[1].endpoint == str(
+                    p.endpoint or "") and old[2] == view.answer(old[1].flow):
+                out.append(old[1])
+            else:
+                out.append(peer_path(view, d, p, allow))
+    return out
+
+
+_SELF_CONTAINED = frozenset({PathVerdict.DIRECT, PathVerdict.NO_ENDPOINT, PathVerdict.NO_ROUTE})
+
+
+def _reusable(snap: Snapshot, previous: tuple[Snapshot, Sequence[PeerPath]]
+              ) -> dict[tuple[str, str], tuple[tuple[int, str, int, int], PeerPath, object]]:
+    """(device, key) -> (device fields, path, the answer it was built on), for the paths of
+    the previous snapshot that the unchanged host state lets stand."""
+    old, paths = previous
+    if (old.links, old.rules, old.main_routes, old.udp_ports) != (
+            snap.links, snap.rules, snap.main_routes, snap.udp_ports):
+        return {}
+    devices = {d.name: (d.ifindex, d.implementation, d.listen_port, d.fwmark)
+               for d in old.devices}
+    return {(p.device, p.public_key): (devices[p.device], p,
+                                       old.lookups.get(p.flow) if p.flow else None)
+            for p in paths if p.verdict in _SELF_CONTAINED and p.device in devices}
 
 
 def parse_allow(spec: str) -> tuple[str, str]:

@@ -120,7 +120,10 @@ class Refresher:
     def _build(self) -> State:
         began = time.monotonic()
         snap = self._take()
-        paths = diagnose(snap, self._allow)
+        with self._lock:
+            old = self._state
+        previous = (old.snapshot, old.paths) if old is not None else None
+        paths = diagnose(snap, self._allow, previous)
         probes = self._probes() if self._probes is not None else None
         body = render(snap, paths, self._names())
         if probes is not None and self._probe_metrics is not None:
