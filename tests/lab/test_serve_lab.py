@@ -152,6 +152,7 @@ def test_one_filtered_probe_target_is_not_a_failing_prober(lab: Lab) -> None:
     s1, s2 = lab.servers["s1"], lab.servers["s2"]
     lab.client_tunnel(0, s1, "0.0.0.0/0")
     w1 = lab.client_tunnel(1, s2, "10.202.0.0/24", extra="FwMark = 51820")
+    assert lab.ping(lab.client.ns, s2.tunnel_v4)  # a handshake: tunnel probes are due
     run("nft", "-f", "-", ns=lab.client.ns, input=(
         "table inet wnfilter {\n chain out {\n  type filter hook output priority 0;\n"
         f"  ip daddr {s2.tunnel_v4} icmp type echo-request drop\n }}\n}}\n"))
