@@ -165,10 +165,10 @@ def test_unopenable_socket_is_not_counted_as_sent() -> None:
 
 
 def test_targets_appear_at_zero_and_vanish() -> None:
-    ts = [target("198.18.0.2")]
-    p = FakeProber(lambda: ts, {})
+    plan = [[target("198.18.0.2")]]
+    p = FakeProber(lambda: plan[0], {})
     p.run_once()
-    ts[:] = [target("198.18.0.2", key="new")]
+    plan[0] = [target("198.18.0.2", key="new")]  # a new plan is a new list
     seen: list[ProbeSnapshot] = []
     p.opened[0].on_send = lambda: seen.append(p.snapshot())  # mid-round: must not block
     p.run_once()

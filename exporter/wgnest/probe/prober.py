@@ -95,12 +95,17 @@ class Prober:
                  baseline: int = 300, clock: Callable[[], float] = time.monotonic,
                  max_rate: float | None = None,
                  skipped: Callable[[], Mapping[str, int]] = dict) -> None:
-        """`max_rate`: probes per second across all targets (None: every flow each round);
-        a round then probes the urgent flows and the next ones in turn, sent evenly."""
+        """`targets()` returns the current plan; a new plan must be a new list (it is
+        indexed once, when it first appears). `max_rate`: probes per second across all
+        targets (None: every flow each round); a round then probes the urgent flows and
+        the next ones in turn, sent evenly."""
         self._targets, self.timeout, self.max_rate, self._skipped = (
             targets, timeout, max_rate, skipped)
         self._cursor = 0
         self._flows = self._per_round = 0
+        self._source: Sequence[ProbeTarget] | None = None  # the target list last adopted
+        self._by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
+        self._urgent: dict[ProbeFlow, bool] = {}  # every flow, in target order: urgent?
         self.window, self.baseline, self._clock = window, baseline, clock
         self._raw, self.disabled_reason = system_probe_mode(privileged)
         self._ident = random.getrandbits(16)  # ours alone: concurrent Probers never collide
@@ -151,22 +156,18 @@ class Prober:
             self._channels.pop(key).close()
 
     def run_once(self) -> None:
-        """One round: probe every flow once, then fold the results into the store."""
+        """One round: probe this round's flows once, then fold the results into the store."""
         with self._round_lock:
             began = self._clock()
-            targets = {(t.device, t.public_key, t.path): t for t in self._targets()}
+            source = self._targets()
             with self._lock:
                 if self.disabled_reason:
                     self._store.clear()
                     self._failure = SourceFailure("probe", "disabled", self.disabled_reason)
                     return
-                for key in set(self._store) - set(targets):
-                    del self._store[key]  # vanished: its series disappear
-                for key, t in targets.items():  # new ones appear at zero before the probe
-                    s = self._store.setdefault(key, _Series(t, deque(maxlen=self.window),
-                                                            deque(maxlen=self.baseline)))
-                    s.target = t
-            flows = self._this_round(targets.values())
+                if source is not self._source:  # a new plan (once per snapshot)
+                    self._adopt(source)
+            flows = self._this_round()
             results: dict[ProbeFlow, Result] = {}
             unopened: list[str] = []
             used: set[ChannelKey] = set()
@@ -175,23 +176,37 @@ class Prober:
                             began + start / self.max_rate if self.max_rate else None)
             self._close_channels(keep=used)
             with self._lock:
-                for key, t in targets.items():
-                    flow = (t.address, t.mark, t.bind_device)
-                    if flow in results and key in self._store:
-                        self._store[key].add(*results[flow])
+                for flow, result in results.items():
+                    for key in self._by_flow.get(flow, ()):
+                        if (series := self._store.get(key)) is not None:
+                            series.add(*result)
                 self._failure = SourceFailure(
                     "probe", "eperm", "; ".join(unopened[:3]) + HINTS["eperm"]) if unopened \
                     else None
                 self._round_seconds = self._clock() - began
                 self._rounds += 1
 
-    def _this_round(self, targets: Iterable[ProbeTarget]) -> list[ProbeFlow]:
+    def _adopt(self, source: Sequence[ProbeTarget]) -> None:
+        """Take a new target list: series of vanished targets go, new ones start at zero,
+        and the flows (urgent first) are indexed once, not every round. Under the lock."""
+        targets = {(t.device, t.public_key, t.path): t for t in source}
+        for key in set(self._store) - set(targets):
+            del self._store[key]  # vanished: its series disappear
+        by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
+        urgent: dict[ProbeFlow, bool] = {}
+        for key, t in targets.items():  # new ones appear at zero before the probe
+            s = self._store.setdefault(key, _Series(t, deque(maxlen=self.window),
+                                                    deque(maxlen=self.baseline)))
+            s.target = t
+            flow = (t.address, t.mark, t.bind_device)
+            by_flow.setdefault(flow, []).append(key)
+            urgent[flow] = urgent.get(flow, False) or t.urgent
+        self._source, self._by_flow, self._urgent = source, by_flow, urgent
+
+    def _this_round(self) -> list[ProbeFlow]:
         """The flows of this round: all of them, or within the budget the urgent ones and
         the next others in turn, so every flow is reached within flows / budget rounds."""
-        ordered: dict[ProbeFlow, bool] = {}
-        for t in targets:
-            flow = (t.address, t.mark, t.bind_device)
-            ordered[flow] = ordered.get(flow, False) or t.urgent
+        ordered = self._urgent
         budget = len(ordered)
         if self.max_rate is not None:
             budget = min(budget, max(1, int(self.max_rate * self.interval)))
