@@ -86,28 +86,35 @@ def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
         "wireguard_peer_nested",
         "1 if the peer's transport packets are routed into another tunnel (outer_device).",
         *DP, "outer_device")
+    # Only for the peers they concern (a few on a gateway): 12 series a peer at the most.
     loop = _gauge("wireguard_peer_routing_loop",
                   "1 if the peer's transport packets are routed back into the tunnel itself "
-                  "(directly or through other tunnels).", *DP)
+                  "(directly or through other tunnels); only for such peers.", *DP)
     allowed = _gauge("wireguard_peer_nesting_allowed",
-                     "1 if this nesting was declared intentional (--allow-nesting).", *DP)
+                     "1 if this nesting was declared intentional (--allow-nesting); only for "
+                     "such peers.", *DP)
     fwmark = _gauge(
         "wireguard_peer_suggested_fwmark",
-        "FwMark that routes the transport to the underlay (kernel-verified); 0 if none applies.",
-        *DP)
+        "FwMark that routes the transport to the underlay (kernel-verified); 0 if no mark "
+        "does; only for nested and looping peers.", *DP)
     mtu = _gauge("wireguard_peer_nesting_mtu_cost_bytes",
-                 "Inner MTU bytes lost because the transport is nested; 0 if direct.", *DP)
+                 "Inner MTU bytes lost because the transport is nested; only for nested "
+                 "peers.", *DP)
     for p in paths:
         labels = (p.device, p.public_key)
         if p.endpoint and p.egress:
             route.add((*labels, p.endpoint, p.egress, p.table, p.gateway), 1)
         is_nested = p.verdict == PathVerdict.NESTED
         nested.add((*labels, p.outer if is_nested else ""), int(is_nested))
-        loop.add(labels, int(p.verdict == PathVerdict.LOOP))
-        allowed.add(labels, int(p.allowed))
-        verified = p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified
-        fwmark.add(labels, p.fix.fwmark if p.fix is not None and verified else 0)
-        mtu.add(labels, p.mtu.cost_bytes if p.mtu is not None and is_nested else 0)
+        if p.verdict == PathVerdict.LOOP:
+            loop.add(labels, 1)
+        if p.allowed:
+            allowed.add(labels, 1)
+        if is_nested or p.verdict == PathVerdict.LOOP:
+            verified = p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified
+            fwmark.add(labels, p.fix.fwmark if p.fix is not None and verified else 0)
+        if is_nested and p.mtu is not None:
+            mtu.add(labels, p.mtu.cost_bytes)
     yield from (route, nested, loop, allowed, fwmark, mtu)
 
 
