@@ -130,3 +130,14 @@ def test_library_loggers_stay_quiet_at_debug() -> None:
     configure_logging("debug")
     for name in ("pyroute2", "pyroute2.netlink.nlsocket", "asyncio"):
         assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
+
+
+def test_version_names_python_and_every_dependency(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("wgnest 0.")
+    for name in ("python", "prometheus-client", "pyroute2", "icmplib", "h11", "bcrypt"):
+        assert f"  {name}: " in out
+    assert "not installed" not in out

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
+import platform
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -162,8 +165,12 @@ def add_probe_arguments(p: argparse.ArgumentParser, interval: float) -> None:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--web.listen-address", dest="listen", default=":9586",
-                   help="address to listen on (default :9586)")
+    p.add_argument("--web.listen-address", dest="listen", action="append", default=None,
+                   metavar="[HOST]:PORT",
+                   help="address to listen on, repeatable (default :9586)")
+    p.add_argument("--web.systemd-socket", dest="systemd_socket", action="store_true",
+                   help="serve on the sockets systemd passes (socket activation) instead of "
+                        "--web.listen-address")
     p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics")
     p.add_argument("--web.config.file", dest="web_config", type=Path, default=None,
                    help="exporter-toolkit web config (TLS, basic auth)")
@@ -173,9 +180,34 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="TOML file of peer names ([[peer]] public_key, name)")
 
 
+DEPENDENCIES = ("prometheus-client", "pyroute2", "icmplib", "h11", "bcrypt", "PyYAML")
+
+
+def version_text() -> str:
+    """`wgnest 0.1.0`, then Python's version and each dependency's, as exporter-toolkit's
+    --version prints its build and Go versions."""
+    lines = [f"wgnest {__version__}", f"  python: {platform.python_version()} "
+                                      f"({platform.python_implementation()})"]
+    for name in DEPENDENCIES:
+        try:
+            found = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found = "not installed"
+        lines.append(f"  {name}: {found}")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        sys.stdout.write(version_text() + "\n")
+        parser.exit(0)
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="wgnest", description=description)
-    parser.add_argument("--version", action="version", version=f"wgnest {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print wgnest's, Python's and the dependencies' versions")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", help="diagnose this host once (Nagios exit codes)")
     check.add_argument("--format", choices=["text", "json"], default="text")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,7 +22,7 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
 from wgnest.runtime.probing import make_prober
 from wgnest.runtime.refresher import Refresher
-from wgnest.runtime.web import Server, serve
+from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.snapshot import Reader, take
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
@@ -39,7 +41,7 @@ class Reloadable:
                  web_config: WebConfig | None) -> None:
         self.args, self.names, self.web_config = args, names, web_config
 
-    def reload(self, server: Server) -> None:  # on the main thread, never a signal handler
+    def reload(self, servers: list[Server]) -> None:  # on the main thread, never a handler
         try:
             web_config = load_web_config(self.args.web_config) if self.args.web_config else None
             names, warnings = load_peer_names(self.args.config_dir, self.args.peer_file)
@@ -48,7 +50,8 @@ class Reloadable:
             return
         for warning in warnings:
             log.warning("peer names: %s", warning)
-        server.reload(web_config)  # TLS, users and headers for the next connections
+        for server in servers:
+            server.reload(web_config)  # TLS, users and headers for the next connections
         self.names, self.web_config = names, web_config  # one reference each: atomic
         log.info("reloaded (SIGHUP): %d peer names%s", len(names),
                  ", web config " + str(self.args.web_config) if self.args.web_config else "")
@@ -91,6 +94,40 @@ def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot], bytes]
     return render
 
 
+def _given(sock: socket.socket) -> socket.socket:
+    return sock
+
+
+def _addresses(args: argparse.Namespace) -> list[str]:
+    if args.systemd_socket:
+        return ["systemd socket"] * len(args.systemd_sockets)
+    return list(args.listen or [":9586"])
+
+
+def _listen(args: argparse.Namespace, pages: _Pages, web_config: WebConfig | None
+            ) -> list[Server]:
+    """One server per --web.listen-address (default :9586), or per socket systemd passed
+    with --web.systemd-socket. Every one is up, or none (ValueError/OSError names it)."""
+    servers: list[Server] = []
+    try:
+        if args.systemd_socket:
+            args.systemd_sockets = systemd_sockets()
+            for sock in args.systemd_sockets:
+                servers.append(serve_socket(functools.partial(_given, sock), pages,
+                                            args.telemetry_path, web_config))
+            return servers
+        for listen in _addresses(args):
+            try:
+                servers.append(serve(listen, pages, args.telemetry_path, web_config))
+            except (ValueError, OSError) as exc:
+                raise type(exc)(f"cannot listen on {listen}: {exc}") from None
+        return servers
+    except BaseException:
+        for server in servers:
+            server.shutdown()
+        raise
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         web_config = load_web_config(args.web_config) if args.web_config else None
@@ -123,9 +160,9 @@ def run_serve(args: argparse.Namespace) -> int:
     refresher.refresh_once()
     pages = _Pages(args, refresher, config, prober)
     try:
-        server = serve(args.listen, pages, args.telemetry_path, web_config)
+        servers = _listen(args, pages, web_config)
     except (ValueError, OSError, WebConfigError) as exc:
-        sys.stderr.write(f"wgnest: cannot listen on {args.listen}: {exc}\n")
+        sys.stderr.write(f"wgnest: {exc}\n")
         return 2
     stop, hangup = threading.Event(), threading.Event()
 
@@ -137,15 +174,17 @@ def run_serve(args: argparse.Namespace) -> int:
     refresher.start()
     if prober is not None:
         prober.start()
-    log.info("wgnest serving on %s (port %d)", args.listen, server.port)
+    for where, server in zip(_addresses(args), servers, strict=True):
+        log.info("wgnest serving on %s (port %d)", where, server.port)
     while not stop.wait(0.2):
         if hangup.is_set():
             hangup.clear()
-            config.reload(server)
+            config.reload(servers)
     # Exit within ~1.5 s even when a refresh waits on a stuck source or a probe round on
     # silent targets: ask every thread to stop first, then wait on one shared deadline.
     deadline = time.monotonic() + 1.5
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     if prober is not None:
         prober.stop(timeout=0)
     refresher.stop(timeout=max(0.0, deadline - time.monotonic()))

@@ -858,11 +858,43 @@ def serve(listen: str, handlers: Handlers, telemetry_path: str = "/metrics",
     """Bind `listen` and serve in a background thread. Raises ValueError, OSError,
     WebConfigError."""
     host, port = parse_listen(listen)
+    return serve_socket(lambda: _bind(host, port), handlers, telemetry_path, web_config)
+
+
+def serve_socket(make_socket: Callable[[], socket.socket], handlers: Handlers,
+                 telemetry_path: str = "/metrics", web_config: WebConfig | None = None
+                 ) -> Server:
+    """Serve on the listening socket `make_socket()` gives (one we bind, or one systemd
+    passed: --web.systemd-socket)."""
     if not telemetry_path.startswith("/") or telemetry_path in ("/", "/-/healthy"):
         raise ValueError(f"bad telemetry path {telemetry_path!r}")
     app = _App(handlers, telemetry_path.encode("utf-8"), *_settings(web_config))
     try:
-        return Server(app, _bind(host, port))
+        return Server(app, make_socket())
     except BaseException:
         app.release()
         raise
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_sockets(environ: Mapping[str, str] | None = None) -> list[socket.socket]:
+    """The listening sockets systemd passed (socket activation: LISTEN_PID, LISTEN_FDS).
+    Raises ValueError when there are none for this process."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        raise ValueError("--web.systemd-socket: no sockets passed by systemd to this process "
+                         "(LISTEN_PID is not ours)")
+    try:
+        count = int(env.get("LISTEN_FDS", ""))
+    except ValueError:
+        raise ValueError("--web.systemd-socket: LISTEN_FDS is not a number") from None
+    if count < 1:
+        raise ValueError("--web.systemd-socket: systemd passed no socket")
+    out = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        out.append(sock)
+    return out
