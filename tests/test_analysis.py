@@ -587,3 +587,21 @@ def test_incremental_diagnose_redoes_what_changed() -> None:
     # a rule changed: nothing is reused
     ruled = dataclasses.replace(s, rules=(*s.rules, Rule(4, 5, 9, 1)))
     assert not any(b is a for a, b in zip(first, diagnose(ruled, (), (s, first)), strict=True))
+
+
+def test_reported_devices_and_peers_are_filtered_after_the_analysis() -> None:
+    import re
+
+    from wgnest.analysis.selection import Reported, reported
+
+    s = seed()
+    paths = diagnose(s)
+    snap, kept = reported(s, paths, Reported(interfaces=re.compile("wg1")))
+    assert [d.name for d in snap.devices] == ["wg1"]
+    # wg0 is left out of the report, yet wg1 is still nested in it
+    assert [(p.device, p.verdict, p.outer) for p in kept] == [("wg1", NESTED, "wg0")]
+    snap, kept = reported(s, paths, Reported(interfaces_exclude=re.compile("wg.*")))
+    assert (snap.devices, kept) == ((), [])
+    snap, kept = reported(s, paths, Reported(peers_exclude=frozenset({KB})))
+    assert [p.public_key for p in kept] == [KA]
+    assert [len(d.peers) for d in snap.devices] == [1, 0]

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from wgnest.analysis.nagios import Nagios, check_result
 from wgnest.analysis.paths import diagnose
-from wgnest.runtime.options import build_parser
+from wgnest.analysis.selection import reported
+from wgnest.runtime.options import build_parser, reported_from
 from wgnest.runtime.probing import measure_latency
 from wgnest.snapshot import Reader, take
 from wgnest.surfaces.report import render_json, render_text
@@ -21,7 +22,7 @@ def run_check(args: argparse.Namespace) -> int:
         snap = take(reader)
     finally:
         reader.close()
-    paths = diagnose(snap, set(args.allow))
+    snap, paths = reported(snap, diagnose(snap, set(args.allow)), reported_from(args))
     latency, probes = measure_latency(args, snap, paths) if args.probe else (None, None)
     prober = probes.failure if probes is not None else None
     if args.format == "json":

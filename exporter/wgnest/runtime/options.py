@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from wgnest import __version__
 from wgnest.analysis.paths import parse_allow
+from wgnest.analysis.selection import Reported
 from wgnest.model.host import IPAddress
 from wgnest.probe.targets import parse_probe_target
 
@@ -124,8 +125,20 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    default=Path("/var/run/wireguard"), help="userspace WireGuard socket directory")
     p.add_argument("--wireguard.uapi-timeout", dest="uapi_timeout", type=TIMEOUT, default=1.0,
                    help="how long one UAPI read may take, 10ms to 60s (default 1s)")
+    p.add_argument("--wireguard.interfaces", dest="interfaces", type=_regex, default=None,
+                   metavar="REGEX", help="report only the devices whose name matches (all are "
+                                         "still analysed: one can be nested in another)")
+    p.add_argument("--wireguard.interfaces-exclude", dest="interfaces_exclude", type=_regex,
+                   default=None, metavar="REGEX",
+                   help="report no device whose name matches")
+    p.add_argument("--wireguard.peers-exclude", dest="peers_exclude", action="append",
+                   default=[], metavar="PUBLIC_KEY", help="report no such peer (repeatable)")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=["debug", "info", "warning", "error"])
+
+
+def reported_from(args: argparse.Namespace) -> Reported:
+    return Reported(args.interfaces, args.interfaces_exclude, frozenset(args.peers_exclude))
 
 
 def add_probe_arguments(p: argparse.ArgumentParser, interval: float) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from wgnest.analysis.paths import PeerPath, diagnose
+from wgnest.analysis.selection import EVERYTHING, Reported, reported
 from wgnest.model.failures import SourceFailure
 from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot
@@ -55,6 +56,8 @@ class State:
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
     body: bytes  # the WireGuard and probe families
     exposition: bytes  # body + the exporter's health families
+    # every device and its path, reported or not: what the next diagnosis can reuse
+    analysed: tuple[Snapshot, list[PeerPath]] | None = None
     _gzip: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def gzipped(self) -> bytes:
@@ -91,11 +94,12 @@ class Refresher:
                  allow: Collection[tuple[str, str]] = (),
                  names: Callable[[], Mapping[str, str]] = dict,
                  probes: Callable[[], ProbeSnapshot] | None = None,
-                 probe_metrics: ProbeRender | None = None) -> None:
+                 probe_metrics: ProbeRender | None = None,
+                 only: Reported = EVERYTHING) -> None:
         """`probes` reads the prober's state (it runs beside, not inside, the snapshot);
         `probe_metrics` renders it, appended to each refresh's exposition."""
         self._take, self._interval, self._allow, self._names = take, interval, allow, names
-        self._probes, self._probe_metrics = probes, probe_metrics
+        self._probes, self._probe_metrics, self._only = probes, probe_metrics, only
         self._loop = Periodic("wgnest-refresh", interval, self.refresh_once, self._failed)
         self._lock = threading.Lock()
         self._state: State | None = None
@@ -119,11 +123,11 @@ class Refresher:
 
     def _build(self) -> State:
         began = time.monotonic()
-        snap = self._take()
+        full = self._take()
         with self._lock:
             old = self._state
-        previous = (old.snapshot, old.paths) if old is not None else None
-        paths = diagnose(snap, self._allow, previous)
+        analysed = diagnose(full, self._allow, old.analysed if old is not None else None)
+        snap, paths = reported(full, analysed, self._only)
         probes = self._probes() if self._probes is not None else None
         body = render(snap, paths, self._names())
         if probes is not None and self._probe_metrics is not None:
@@ -139,7 +143,8 @@ class Refresher:
                 log.warning("%s: a UAPI socket named after a link that is no TUN device: "
                             "left over by a daemon gone, not read", path)
             self._stale = snap.stale_sockets
-        return State(snap, paths, probes, body, body + self._health(snap, failures, durations))
+        return State(snap, paths, probes, body, body + self._health(snap, failures, durations),
+                     (full, analysed))
 
     def _health(self, snap: Snapshot, failures: tuple[SourceFailure, ...],
                 durations: Mapping[str, float]) -> bytes:
@@ -171,7 +176,8 @@ class Refresher:
         snap = old.snapshot if old is not None else Snapshot(0.0)
         health = self._health(snap, (failure,), {})
         state = State(snap, old.paths if old else [], old.probes if old else None,
-                      old.body if old else b"", (old.body if old else b"") + health)
+                      old.body if old else b"", (old.body if old else b"") + health,
+                      old.analysed if old else None)
         with self._lock:
             self._state = state
 

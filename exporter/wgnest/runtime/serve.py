@@ -20,6 +20,7 @@ from wgnest.analysis.paths import PeerPath
 from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
+from wgnest.runtime.options import reported_from
 from wgnest.runtime.probing import make_prober
 from wgnest.runtime.refresher import Refresher
 from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
@@ -156,7 +157,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = Reloadable(args, names, web_config)
     refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
                           lambda: config.names, prober.snapshot if prober is not None else None,
-                          _probe_metrics(args))
+                          _probe_metrics(args), reported_from(args))
     refresher.refresh_once()
     pages = _Pages(args, refresher, config, prober)
     try:
