@@ -14,7 +14,7 @@ from wgnest.analysis.nagios import CheckResult, Nagios
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.analysis.predict import Lint
 from wgnest.model.wgquick import ConfigFailure
-from wgnest.surfaces.report import _peer_line, render_json
+from wgnest.surfaces.report import peer_line, render_json
 
 Entry = Lint | ConfigFailure
 MARK = {"run": "[#]", "evaluated": "[#]", "skipped": "[-]", "ignored": "[-]",
@@ -118,7 +118,7 @@ def _lint_text(lint: Lint) -> list[str]:
                        f"{verdict}")
         for p in lint.paths:
             if p.device == dev.name:
-                line = _peer_line(p)
+                line = peer_line(p)
                 if p in lint.captured:
                     line += f"   <- captured by {name}"
                 out.append(line)

@@ -28,7 +28,7 @@ def _short(key: str) -> str:
     return key[:8] + "…" if len(key) > 9 else key
 
 
-def _peer_line(p: PeerPath) -> str:
+def peer_line(p: PeerPath) -> str:
     if p.verdict == PathVerdict.NO_ENDPOINT:
         return f"  peer {_short(p.public_key)}  no endpoint (waits for the peer to connect)"
     route = f"via {p.egress or '?'}"
@@ -111,7 +111,7 @@ def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
                    f"  mtu {dev.mtu}  peers {len(dev.peers)}")
         for p in paths:
             if p.device == dev.name:
-                out.append(_peer_line(p))
+                out.append(peer_line(p))
                 out.extend(_latency_line((latency or {}).get((p.device, p.public_key))))
                 out.extend(_fix_lines(p, config_dir))
     out.extend(f"source {f}" for f in (*snap.failures, *([prober] if prober else [])))
