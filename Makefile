@@ -6,8 +6,10 @@ APT_PKGS := wireguard-tools wireguard-go iproute2 iptables nftables iputils-ping
             prometheus prometheus-alertmanager chromium \
             qemu-system-x86 kmod busybox-static udev file
 LISTEN  ?= :9586
+SCHEMA  := tools/dashboard-schema
+TSC     := $(SCHEMA)/node_modules/.bin/tsc
 
-.PHONY: run test kernel-test lint system-deps venv clean
+.PHONY: run test kernel-test lint system-deps venv node-deps clean
 
 $(BIN)/wgnest: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,9 +28,17 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Grafana's dashboard model (@grafana/schema) and TypeScript, pinned by package-lock.json;
+# tests/test_dashboards.py type-checks dashboards/*.json with them.
+$(TSC): $(SCHEMA)/package.json $(SCHEMA)/package-lock.json
+	npm ci --prefix $(SCHEMA)
+	touch $@
+
+node-deps: $(TSC)
+
 # The main suite, then the kernel stage (tests/kernel/: Debian's kernel booted once under
 # QEMU, kernel WireGuard). Both always run; either failing fails `make test`.
-test: system-deps venv lint
+test: system-deps venv node-deps lint
 	@echo "$(BIN)/pytest"; $(BIN)/pytest; main=$$?; \
 	$(MAKE) --no-print-directory kernel-test; kernel=$$?; \
 	if [ $$main -ne 0 ]; then exit $$main; fi; exit $$kernel
@@ -46,4 +56,4 @@ run: venv
 	$(BIN)/wgnest serve --web.listen-address $(LISTEN)
 
 clean:
-	rm -rf $(VENV) build dist
+	rm -rf $(VENV) build dist $(SCHEMA)/node_modules

@@ -40,3 +40,45 @@ def shortened_rules(src: Path, dst: Path, for_: str = "0s") -> None:
     Path(dst).write_text(
         yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000),
         encoding="utf-8")
+
+
+# ------------------------------------------------------------- real scrapes as test input
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def scrape_samples(text: str) -> list[Sample]:
+    """(series name, labels, value) of every sample of a /metrics body, as Prometheus stores
+    them; prometheus_client's optional `_created` series are dropped (see metric_names)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.metric_names import OPTIONAL_SUFFIXES
+
+    return [(s.name, dict(s.labels), float(s.value))
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.name.endswith(OPTIONAL_SUFFIXES)]
+
+
+def series_selector(name: str, labels: dict[str, str]) -> str:
+    """`name{a="x",b="y"}` with the label values escaped as PromQL strings."""
+    def quote(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    inner = ",".join(f"{k}={quote(v)}" for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def promtool_value(value: float) -> str:
+    if value != value:  # NaN
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def input_series(samples: list[Sample], job: str, instance: str,
+                 steps: int = 10) -> list[dict[str, str]]:
+    """promtool `input_series` for a scrape: every sample held for `steps` intervals, with the
+    `job` and `instance` labels Prometheus adds to a scraped series."""
+    return [{"series": series_selector(name, {**labels, "job": job, "instance": instance}),
+             "values": f"{promtool_value(value)}x{steps}"}
+            for name, labels, value in samples]

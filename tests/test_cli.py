@@ -141,3 +141,18 @@ def test_version_names_python_and_every_dependency(capsys: pytest.CaptureFixture
     for name in ("python", "prometheus-client", "pyroute2", "icmplib", "h11", "bcrypt"):
         assert f"  {name}: " in out
     assert "not installed" not in out
+
+
+def test_readme_flags_table_lists_every_flag() -> None:
+    """The README's flags table stays current: every option of every command is in it."""
+    import argparse
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = {opt for cmd in sub.choices.values() for a in cmd._actions
+               for opt in a.option_strings if opt.startswith("--") and opt != "--help"
+               and f"`{opt}" not in table and f"{opt}`" not in table
+               and f", `{opt}" not in table}
+    assert not missing, f"README flags table lacks {sorted(missing)}"

@@ -5,7 +5,6 @@ in a copy) and page a webhook in this test."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -20,6 +19,7 @@ import pytest
 
 from tests.lab.lab import REPO, Lab, http_get, in_netns
 from tests.rules_for_test import shortened_rules
+from tests.test_dashboards import substitute as dashboard_substitute
 
 pytestmark = [pytest.mark.lab, pytest.mark.e2e]
 PROM, AM, HOOK, EXPORTER = 19090, 19093, 19099, 9586
@@ -105,8 +105,8 @@ def dashboard_exprs() -> Iterator[tuple[str, str]]:
 
 
 def substitute(expr: str) -> str:
-    expr = expr.replace("$__rate_interval", "30s").replace("${__rate_interval}", "30s")
-    return re.sub(r"\$\{?(job|instance|device)\}?", ".+", expr)
+    """The query as Grafana sends it with All selected (tests.test_dashboards.QUERY_VALUES)."""
+    return dashboard_substitute(expr, rate_interval="30s")
 
 
 @pytest.fixture
@@ -158,8 +158,10 @@ def test_nesting_pages_then_resolves_and_dashboard_queries_answer(
     alert = hook.wait(nested, timeout=60)
     assert alert["labels"]["device"] == w1
     assert alert["labels"]["outer_device"] == w0
-    assert alert["labels"]["severity"] == "page"
-    assert "FwMark = 51820" in alert["annotations"]["summary"]
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"] == "WireGuard transport routed into another tunnel."
+    assert "FwMark = 51820" in alert["annotations"]["description"]
+    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#wireguardtunnelnested"
 
     # Every dashboard query answers from this Prometheus (variables substituted).
     deadline = time.monotonic() + 60

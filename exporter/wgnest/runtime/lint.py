@@ -40,7 +40,8 @@ def add_lint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="*", metavar="CONFIG",
                    help="a wg-quick config file, or an interface name resolved to "
                         "<--config-dir>/NAME.conf (default: every *.conf there that is not up)")
-    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="output format (default text)")
     p.add_argument("--refuse", action="store_true",
                    help="exit 2 when a config would nest or loop undeclared, else 0 (for "
                         "`PreUp = wgnest lint --refuse %%i`)")

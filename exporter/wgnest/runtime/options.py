@@ -120,9 +120,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    metavar="INNER:OUTER",
                    help="declare nesting intentional: report it, never alarm (repeatable)")
     p.add_argument("--config-dir", dest="config_dir", type=Path, default=Path("/etc/wireguard"),
-                   help="where wg-quick configs live (for fix hints and peer names)")
+                   help="where wg-quick configs live, for fix hints and peer names (default "
+                        "/etc/wireguard)")
     p.add_argument("--wireguard.uapi-dir", dest="uapi_dir", type=Path,
-                   default=Path("/var/run/wireguard"), help="userspace WireGuard socket directory")
+                   default=Path("/var/run/wireguard"),
+                   help="userspace WireGuard socket directory (default /var/run/wireguard)")
     p.add_argument("--wireguard.uapi-timeout", dest="uapi_timeout", type=TIMEOUT, default=1.0,
                    help="how long one UAPI read may take, 10ms to 60s (default 1s)")
     p.add_argument("--wireguard.interfaces", dest="interfaces", type=_regex, default=None,
@@ -134,7 +136,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wireguard.peers-exclude", dest="peers_exclude", action="append",
                    default=[], metavar="PUBLIC_KEY", help="report no such peer (repeatable)")
     p.add_argument("--log.level", dest="log_level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level (default info); libraries log warnings at the most")
 
 
 def reported_from(args: argparse.Namespace) -> Reported:
@@ -184,13 +187,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web.systemd-socket", dest="systemd_socket", action="store_true",
                    help="serve on the sockets systemd passes (socket activation) instead of "
                         "--web.listen-address")
-    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics")
+    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                   help="path of the metrics (default /metrics)")
     p.add_argument("--web.config.file", dest="web_config", type=Path, default=None,
-                   help="exporter-toolkit web config (TLS, basic auth)")
+                   help="exporter-toolkit web config: TLS, basic auth, headers (default none)")
     p.add_argument("--refresh.interval", dest="refresh_interval", type=REFRESH_INTERVAL,
                    default=5.0, help="time between snapshots, 100ms to 1h (default 5s)")
     p.add_argument("--wireguard.peer-file", dest="peer_file", type=Path, default=None,
-                   help="TOML file of peer names ([[peer]] public_key, name)")
+                   help="TOML file of peer names, mdlayher/wireguard_exporter's format "
+                        "([[peer]] public_key, name; default none)")
 
 
 DEPENDENCIES = ("prometheus-client", "pyroute2", "icmplib", "h11", "bcrypt", "PyYAML")
@@ -223,7 +228,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="print wgnest's, Python's and the dependencies' versions")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("check", help="diagnose this host once (Nagios exit codes)")
-    check.add_argument("--format", choices=["text", "json"], default="text")
+    check.add_argument("--format", choices=["text", "json"], default="text",
+                       help="output format (default text)")
     check.add_argument("--probe.count", dest="probe_count", type=number_in(1, 1000, int),
                        default=3, help="echo requests per path before judging latency, 1 to "
                                        "1000 (default 3)")
