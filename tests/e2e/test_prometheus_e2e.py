@@ -149,7 +149,7 @@ def test_nesting_pages_then_resolves_and_dashboard_queries_answer(
     w0 = lab.client_tunnel(0, s1, "0.0.0.0/0")
     w1 = lab.client_tunnel(1, s2, "10.202.0.0/24, fd02::/64", peer_extra="PersistentKeepalive = 1")
     assert lab.ping(lab.client.ns, s2.tunnel_v4)
-    lab.serve("--refresh.interval", "0.5", port=EXPORTER)
+    lab.serve("--refresh.interval", "0.5", "--probe.histograms", port=EXPORTER)
 
     def nested(alert: dict[str, Any]) -> bool:
         return (alert["labels"]["alertname"] == "WireGuardTunnelNested"

@@ -159,7 +159,8 @@ def test_one_filtered_probe_target_is_not_a_failing_prober(lab: Lab) -> None:
         "table inet wnfilter {\n chain out {\n  type filter hook output priority 0;\n"
         f"  ip daddr {s2.tunnel_v4} icmp type echo-request drop\n }}\n}}\n"))
     assert not lab.ping(lab.client.ns, s2.tunnel_v4)  # the kernel refuses it: sendto EPERM
-    lab.serve("--refresh.interval", "0.5", "--probe.target", f"{w1}={s2.tunnel_v4}")
+    lab.serve("--refresh.interval", "0.5", "--probe.target", f"{w1}={s2.tunnel_v4}",
+              "--probe.histograms")  # the per-path counters
     _text, samples = wait_for(lab, lambda t, s: 'path="tunnel"' in t and value(
         s, "wireguard_probe_packets_sent_total", device=w1, path="tunnel") >= 2)
     assert value(samples, "wireguard_probe_packets_sent_total", device=w1, path="tunnel") >= 2

@@ -157,11 +157,11 @@ def add_probe_arguments(p: argparse.ArgumentParser, interval: float) -> None:
                    help="address inside the tunnel to probe (default: the peer's single-host "
                         "allowed IP, when it has one)")
     p.add_argument("--probe.histograms", dest="probe_histograms",
-                   action=argparse.BooleanOptionalAction, default=True,
-                   help="per peer, a 15-bucket RTT histogram and sent/received counters on "
-                        "each of the three paths and the overhead ratio (about 60 series a "
-                        "peer); without, the median RTT of the real path (and of the direct "
-                        "one when it differs): at most 2 series a peer")
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="also, per peer, a 15-bucket RTT histogram and sent/received counters "
+                        "on each of the three paths and the overhead ratio (about 60 series "
+                        "a peer; default off: the median RTT of the real path, and of the "
+                        "direct one when it differs, at most 2 series a peer)")
     p.add_argument("--probe.max-rate", dest="probe_max_rate", type=number_in(1, 100_000),
                    default=500.0,
                    help="probes per second across all targets, sent evenly; a round takes "

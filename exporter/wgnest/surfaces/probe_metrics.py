@@ -34,10 +34,10 @@ def _same_flow(a: SeriesSnapshot, b: SeriesSnapshot) -> bool:
 
 def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 0.005,
                    detail: bool = True) -> Iterator[Metric | Family]:
-    """With `detail`, a histogram and sent/received counters on every path and the overhead
-    ratio (about 60 series a peer); without, the median RTT of the path the tunnel really
-    takes and, when its flow differs (a nested peer), of the direct path: at most 2 series a
-    peer, plus the anomaly verdict (the ratio is rtt{real} / rtt{direct} in PromQL)."""
+    """Always the median RTT of the path the tunnel really takes and, when its flow differs
+    (a nested peer), of the direct path: at most 2 series a peer, and the anomaly verdict.
+    With `detail` (--probe.histograms) also a histogram and sent/received counters on every
+    path and the overhead ratio (about 60 series a peer)."""
     rtt = HistogramMetricFamily("wireguard_probe_rtt_seconds",
                                 "ICMP echo round-trip time per peer and path.", labels=DPP)
     sent = _counter("wireguard_probe_packets_sent", "Echo requests sent per peer and path.",
@@ -68,7 +68,7 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
         if detail and verdict.ratio is not None:
             over.add((device, public_key), verdict.ratio)
         anomaly.add((device, public_key), int(verdict.anomaly))
-        if not detail and verdict.real_path:
+        if verdict.real_path:
             real, direct = paths[verdict.real_path], paths.get("direct")
             for path, series in ((verdict.real_path, real), ("direct", direct)):
                 if series is None or (path == "direct" and _same_flow(series, real)):
@@ -97,5 +97,5 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
     for reason in SKIP_REASONS:
         skipped.add((reason,), snap.skipped.get(reason, 0))
     per_peer: tuple[Metric | Family, ...] = (
-        (rtt, sent, received, over, anomaly) if detail else (median, anomaly))
+        (rtt, sent, received, over, median, anomaly) if detail else (median, anomaly))
     yield from (*per_peer, send_errors, flows, per_round, skipped)
