@@ -226,3 +226,20 @@ def wait_closed(s: socket.socket, timeout: float) -> float | None:
         except BlockingIOError:
             continue
     return None
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of the test's own, with its loopback up; removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs wgnest serve in a network namespace of its own")
+    import secrets
+
+    ns = "wnh" + secrets.token_hex(3)
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True,
+                       capture_output=True)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)

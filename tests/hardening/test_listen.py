@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 
 from tests.hardening.conftest import child_env
-from tests.hardening.test_sighup import netns  # noqa: F401  (the fixture)
 from tests.lab.lab import in_netns
 
 pytestmark = pytest.mark.lab
@@ -64,7 +63,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def test_several_listen_addresses(netns: str) -> None:  # noqa: F811
+def test_several_listen_addresses(netns: str) -> None:
     urls = ["http://127.0.0.1:9591/metrics", "http://127.0.0.1:9592/-/healthy"]
     proc = run_until_serving(netns, [sys.executable, "-m", "wgnest", "serve",
                                      "--web.listen-address", "127.0.0.1:9591",
@@ -74,7 +73,7 @@ def test_several_listen_addresses(netns: str) -> None:  # noqa: F811
     assert status(netns, urls[0]) == 0  # both closed on exit
 
 
-def test_one_bad_address_starts_none(netns: str) -> None:  # noqa: F811
+def test_one_bad_address_starts_none(netns: str) -> None:
     res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "wgnest", "serve",
                           "--web.listen-address", "127.0.0.1:9594",
                           "--web.listen-address", "192.0.2.1:9595", "--no-probe.enabled"],
@@ -84,7 +83,7 @@ def test_one_bad_address_starts_none(netns: str) -> None:  # noqa: F811
     assert "cannot listen on 192.0.2.1:9595" in res.stderr
 
 
-def test_systemd_socket_activation(netns: str) -> None:  # noqa: F811
+def test_systemd_socket_activation(netns: str) -> None:
     proc = run_until_serving(netns, [sys.executable, "-c", ACTIVATE],
                              ["http://127.0.0.1:9593/metrics"])
     stop(proc)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,20 +20,6 @@ import pytest
 from tests.hardening.conftest import Figures, child_env, ms
 
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: runs wgnest serve in a network namespace of its own")
-    ns = "wnh" + secrets.token_hex(3)
-    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True,
-                       capture_output=True)
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def serve(ns: str, *args: str, timeout: float = 10.0) -> tuple[int | None, str, float]:

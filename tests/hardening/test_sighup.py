@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -43,20 +40,6 @@ def get(ns: str, url: str, user: str, password: str) -> int:
             return int(err.code)
         except urllib.error.URLError:
             return 0  # not listening (yet)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: runs wgnest serve in a network namespace of its own")
-    ns = "wnh" + secrets.token_hex(3)
-    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True,
-                       capture_output=True)
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def wait_until(check: object, timeout: float = 5.0) -> bool:

@@ -12,6 +12,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from wgnest.model.host import IPNetwork, Link, MainRoute, Rule
 from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.routing import route_from_msg
 
 IFF_UP = 0x1
 FIB_RULE_INVERT = 0x2
@@ -73,7 +74,7 @@ class NetState:
         out: list[MainRoute] = []
         for version, family in FAMILIES.items():
             msgs = self._dump("route", functools.partial(_get_main_routes, family=family))
-            out.extend(r for msg in msgs if (r := route_from_msg(version, msg)) is not None)
+            out.extend(r for msg in msgs if (r := main_route_from_msg(version, msg)) is not None)
         return out
 
 
@@ -85,20 +86,12 @@ def _get_main_routes(ipr: Any, family: int) -> Any:
     return ipr.get_routes(family=family, table=RT_TABLE_MAIN)
 
 
-def route_from_msg(version: int, msg: Any) -> MainRoute | None:
+def main_route_from_msg(version: int, msg: Any) -> MainRoute | None:
     """A main-table route; a multipath one by its first next hop (RTA_MULTIPATH)."""
-    dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if version == 4 else "::")
-    try:
-        net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-    except ValueError:
+    route = route_from_msg(version, msg)
+    if route is None:
         return None
-    oif, gateway = msg.get_attr("RTA_OIF") or 0, msg.get_attr("RTA_GATEWAY") or ""
-    hops = msg.get_attr("RTA_MULTIPATH") or []
-    if not oif and hops:
-        first = hops[0]
-        oif = first.get("oif", 0) or 0
-        gateway = first.get_attr("RTA_GATEWAY") or ""
-    return MainRoute(net, int(oif), str(gateway), int(msg["type"]))
+    return MainRoute(route.dst, route.oif, route.gateway, route.route_type)
 
 
 def _range(value: Any) -> tuple[int, int] | None:

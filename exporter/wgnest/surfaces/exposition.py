@@ -102,6 +102,14 @@ class Family:
         return metric
 
 
+def gauge(name: str, doc: str, *labels: str) -> Family:
+    return Family(name, "gauge", doc, labels)
+
+
+def counter(name: str, doc: str, *labels: str) -> Family:
+    return Family(name, "counter", doc, labels)
+
+
 def _light_text(fam: Family) -> str | None:
     sample = fam.name + "_total" if fam.kind == "counter" else fam.name
     if not (_NAME.fullmatch(sample) and all(_LABEL.fullmatch(k) and not k.startswith("__")

@@ -14,7 +14,7 @@ from wgnest.analysis.nagios import CheckResult, Nagios
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.analysis.predict import Lint
 from wgnest.model.wgquick import ConfigFailure
-from wgnest.surfaces.report import peer_line, render_json
+from wgnest.surfaces.report import path_notes, peer_line, render_json
 
 Entry = Lint | ConfigFailure
 MARK = {"run": "[#]", "evaluated": "[#]", "skipped": "[-]", "ignored": "[-]",
@@ -46,15 +46,8 @@ def _predicted(text: str) -> str:
 
 
 def _fix_lines(lint: Lint, p: PeerPath) -> list[str]:
-    lines = []
-    if p.mtu is not None and p.mtu.cost_bytes:
-        lines.append(f"    MTU: {p.device} has {p.mtu.device_mtu}; {p.mtu.usable_mtu} fits through "
-                     f"{p.outer}, {p.mtu.direct_mtu} would direct: nesting costs "
-                     f"{p.mtu.cost_bytes} bytes")
-    if p.captured_by:
-        lines.append(f"    captured by rule: {p.captured_by}")
-    fix = p.fix
-    if fix is None or (p.verdict == PathVerdict.NESTED and p.allowed):
+    lines, fix = path_notes(p)
+    if fix is None:
         return lines
     own = p.device == lint.config.name
     where = lint.config.path if own else f"{p.device}'s config"

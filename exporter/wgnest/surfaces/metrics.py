@@ -15,7 +15,7 @@ from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
 from wgnest.model.host import IPNetwork, Peer, Snapshot
-from wgnest.surfaces.exposition import Family
+from wgnest.surfaces.exposition import Family, counter, gauge
 
 DP = ("device", "public_key")
 
@@ -35,16 +35,12 @@ def allowed_ips_label(peer: Peer) -> str:
     return label
 
 
-def _gauge(name: str, doc: str, *labels: str) -> Family:
-    return Family(name, "gauge", doc, labels)
-
-
 def device_families(snap: Snapshot) -> Iterator[Family]:
-    info = _gauge("wireguard_device_info", "WireGuard device (value 1).", *DP)
-    fwmark = _gauge("wireguard_device_fwmark",
+    info = gauge("wireguard_device_info", "WireGuard device (value 1).", *DP)
+    fwmark = gauge("wireguard_device_fwmark",
                     "Firewall mark of the device's transport packets (0 = none).", "device")
-    port = _gauge("wireguard_device_listen_port", "UDP port the device listens on.", "device")
-    mtu = _gauge("wireguard_device_mtu_bytes", "MTU of the device.", "device")
+    port = gauge("wireguard_device_listen_port", "UDP port the device listens on.", "device")
+    mtu = gauge("wireguard_device_mtu_bytes", "MTU of the device.", "device")
     for d in snap.devices:
         info.add((d.name, d.public_key), 1)
         fwmark.add((d.name,), d.fwmark)
@@ -54,14 +50,14 @@ def device_families(snap: Snapshot) -> Iterator[Family]:
 
 
 def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
-    info = _gauge("wireguard_peer_info",
+    info = gauge("wireguard_peer_info",
                   "WireGuard peer (value 1): endpoint, friendly name, allowed IPs.",
                   *DP, "endpoint", "name", "allowed_ips")
-    rx = Family("wireguard_peer_receive_bytes", "counter", "Bytes received from the peer.", DP)
-    tx = Family("wireguard_peer_transmit_bytes", "counter", "Bytes sent to the peer.", DP)
-    last = _gauge("wireguard_peer_last_handshake_seconds",
+    rx = counter("wireguard_peer_receive_bytes", "Bytes received from the peer.", *DP)
+    tx = counter("wireguard_peer_transmit_bytes", "Bytes sent to the peer.", *DP)
+    last = gauge("wireguard_peer_last_handshake_seconds",
                   "Unix time of the last handshake with the peer; 0 if there was none.", *DP)
-    age = _gauge("wireguard_peer_handshake_age_seconds",
+    age = gauge("wireguard_peer_handshake_age_seconds",
                  "Seconds from the last handshake to the snapshot; absent if there was none.",
                  *DP)
     taken_at = snap.taken_at
@@ -79,25 +75,25 @@ def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
 
 
 def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
-    route = _gauge("wireguard_peer_endpoint_route_info",
+    route = gauge("wireguard_peer_endpoint_route_info",
                    "Route the kernel picks for the peer's transport packets (value 1).",
                    *DP, "endpoint", "egress_device", "table", "gateway")
-    nested = _gauge(
+    nested = gauge(
         "wireguard_peer_nested",
         "1 if the peer's transport packets are routed into another tunnel (outer_device).",
         *DP, "outer_device")
     # Only for the peers they concern (a few on a gateway): 12 series a peer at the most.
-    loop = _gauge("wireguard_peer_routing_loop",
+    loop = gauge("wireguard_peer_routing_loop",
                   "1 if the peer's transport packets are routed back into the tunnel itself "
                   "(directly or through other tunnels); only for such peers.", *DP)
-    allowed = _gauge("wireguard_peer_nesting_allowed",
+    allowed = gauge("wireguard_peer_nesting_allowed",
                      "1 if this nesting was declared intentional (--allow-nesting); only for "
                      "such peers.", *DP)
-    fwmark = _gauge(
+    fwmark = gauge(
         "wireguard_peer_suggested_fwmark",
         "FwMark that routes the transport to the underlay (kernel-verified); 0 if no mark "
         "does; only for nested and looping peers.", *DP)
-    mtu = _gauge("wireguard_peer_nesting_mtu_cost_bytes",
+    mtu = gauge("wireguard_peer_nesting_mtu_cost_bytes",
                  "Inner MTU bytes lost because the transport is nested; only for nested "
                  "peers.", *DP)
     for p in paths:

@@ -11,20 +11,12 @@ from prometheus_client.core import (
 
 from wgnest.analysis.latency import peer_verdict
 from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
-from wgnest.surfaces.exposition import Family
+from wgnest.surfaces.exposition import Family, counter, gauge
 
 DP = ["device", "public_key"]
 SEND_ERRORS = ("eperm", "unreachable", "error")  # the prober's per-target send failures
 SKIP_REASONS = ("not_selected", "no_recent_handshake")
 DPP = [*DP, "path"]
-
-
-def _counter(name: str, doc: str, *labels: str) -> Family:
-    return Family(name, "counter", doc, labels)
-
-
-def _gauge(name: str, doc: str, *labels: str) -> Family:
-    return Family(name, "gauge", doc, labels)
 
 
 def _same_flow(a: SeriesSnapshot, b: SeriesSnapshot) -> bool:
@@ -40,18 +32,18 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
     path and the overhead ratio (about 60 series a peer)."""
     rtt = HistogramMetricFamily("wireguard_probe_rtt_seconds",
                                 "ICMP echo round-trip time per peer and path.", labels=DPP)
-    sent = _counter("wireguard_probe_packets_sent", "Echo requests sent per peer and path.",
+    sent = counter("wireguard_probe_packets_sent", "Echo requests sent per peer and path.",
                     *DPP)
-    received = _counter("wireguard_probe_packets_received",
+    received = counter("wireguard_probe_packets_received",
                         "Matching echo replies received per peer and path.", *DPP)
-    median = _gauge("wireguard_peer_rtt_seconds",
+    median = gauge("wireguard_peer_rtt_seconds",
                     "Median ICMP round-trip time of the last probes: of the path the tunnel "
                     "really takes (tunnel, else transport) and, when it differs, of the "
                     "direct path.", *DPP)
-    over = _gauge("wireguard_peer_latency_overhead_ratio",
+    over = gauge("wireguard_peer_latency_overhead_ratio",
                   "Median RTT of the path the tunnel really takes over the direct path's; "
                   "absent if unknown.", *DP)
-    anomaly = _gauge("wireguard_peer_latency_anomaly",
+    anomaly = gauge("wireguard_peer_latency_anomaly",
                      "1 if the tunnel is markedly slower than the direct path or than its own "
                      "baseline.", *DP)
     rank = {p: i for i, p in enumerate(PATHS)}
@@ -76,20 +68,20 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
                 value = verdict.median.get(path)
                 if value is not None:
                     median.add((device, public_key, path), value)
-    send_errors = _counter(
+    send_errors = counter(
         "wgnest_probe_send_errors",
         "Echo requests the kernel refused to send, by reason (eperm: filtered, e.g. a "
         "netfilter OUTPUT drop; unreachable: no route; error: other), since start.", "reason")
     for reason in SEND_ERRORS:
         send_errors.add((reason,), snap.send_errors.get(reason, 0))
-    flows = _gauge("wgnest_probe_flows",
+    flows = gauge("wgnest_probe_flows",
                    "Distinct (address, mark, device) flows the prober cycles through.")
     flows.add((), snap.flows)
-    per_round = _gauge(
+    per_round = gauge(
         "wgnest_probe_flows_per_round",
         "Flows one round probes (--probe.max-rate x --probe.interval, or all of them).")
     per_round.add((), snap.flows_per_round)
-    skipped = _gauge(
+    skipped = gauge(
         "wgnest_probe_targets_skipped",
         "Probe targets left out, by reason (not_selected: --probe.device/--probe.peer; "
         "no_recent_handshake: no tunnel probe to a peer without a handshake for 3 minutes).",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from wgnest.analysis.fixes import FixKind
+from wgnest.analysis.fixes import Fix, FixKind
 from wgnest.analysis.latency import PeerLatency
 from wgnest.analysis.nagios import Latency, check_result
 from wgnest.analysis.paths import PathVerdict, PeerPath
@@ -48,7 +48,9 @@ def peer_line(p: PeerPath) -> str:
     return head + f"{p.verdict.upper()}: {p.error}"
 
 
-def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
+def path_notes(p: PeerPath) -> tuple[list[str], Fix | None]:
+    """The MTU and capturing-rule lines under a peer, and the fix to show (none for a
+    nesting declared intentional)."""
     lines = []
     if p.mtu is not None and p.mtu.cost_bytes:
         lines.append(f"    MTU: {p.device} has {p.mtu.device_mtu}; {p.mtu.usable_mtu} fits through "
@@ -56,8 +58,13 @@ def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
                      f"{p.mtu.cost_bytes} bytes")
     if p.captured_by:
         lines.append(f"    captured by rule: {p.captured_by}")
-    fix = p.fix
-    if fix is None or (p.verdict == PathVerdict.NESTED and p.allowed):
+    allowed = p.verdict == PathVerdict.NESTED and p.allowed
+    return lines, None if allowed else p.fix
+
+
+def _fix_lines(p: PeerPath, config_dir: Path) -> list[str]:
+    lines, fix = path_notes(p)
+    if fix is None:
         return lines
     where = _config_file(config_dir, p.device)
     proof = PROOF_TEXT[fix.proof]
