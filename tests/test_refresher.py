@@ -102,3 +102,31 @@ def test_status_page_banner_counts_latency_anomalies(tmp_path: object) -> None:
 
     text = render_text(snap, paths, Path("/nonexistent"), latency)
     assert text.startswith("WGNEST WARNING - 1 latency anomalies")
+
+
+def test_status_page_of_a_10000_peer_gateway_puts_problems_first_and_folds() -> None:
+    """Under a second for 10,000 peers; the nested ones on top; the healthy ones folded
+    and counted per device; a filter box that needs no framework nor external asset."""
+    import dataclasses
+    import ipaddress
+
+    from tests.test_analysis import EP1, KA, dev, flow, into, peer, snap
+    from wgnest.model.host import Peer
+
+    many = tuple(Peer(f"{i:043d}=", None, (ipaddress.ip_network(f"10.{i >> 8}.{i & 255}.1"),),
+                      0.0, 0, 0, 0) for i in range(10_000))
+    gateway = dataclasses.replace(dev(5, 51822, 0, peer(KA, EP1, "10.250.0.0/24")),
+                                  peers=(*many, peer(KA, EP1, "10.250.0.0/24")))
+    s = snap((gateway,), (), {flow(EP1, 0, 51822): into(3, 254)})  # KA's transport into wg0
+    paths = diagnose(s)
+    began = time.monotonic()
+    page = status_page.render(s, paths, {}, "/metrics")
+    took = time.monotonic() - began
+    assert took < 1.0, took
+    problems = page.index("<h2>Problems (1)</h2>")
+    assert problems < page.index(KA) < page.index('<h2 id="dev-wg2">')
+    assert "<details><summary>10000 healthy peers</summary>" in page  # folded
+    assert "10001 peers: 1 nested, 10000 no endpoint" in page
+    assert 'oninput="' in page
+    assert "<script src" not in page
+    assert "http" not in page.split("</style>", 1)[1].split("<a href", 1)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from html import escape
 
@@ -14,6 +15,8 @@ from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import SourceFailure
 from wgnest.model.host import Snapshot
 from wgnest.surfaces.report import PROOF_TEXT, latency_parts
+
+FOLD_ABOVE = 20  # healthy peers of a device shown unfolded up to this many
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222;max-width:80em}
@@ -83,36 +86,72 @@ def _latency_cell(lat: PeerLatency | None) -> str:
     return text
 
 
+_HEADER = ("<tr><th>peer</th><th>endpoint</th><th>transport path</th><th>verdict</th>"
+           "<th>latency</th><th>fix</th></tr>")
+# A filter box without frameworks or external assets: hides the rows whose text lacks it.
+_FILTER = ('<p><input id="q" type="search" placeholder="filter peers: name, key, endpoint, '
+           'device" size="48" oninput="for(const r of document.querySelectorAll(\'tr[data-q]\'))'
+           'r.hidden=!r.dataset.q.includes(this.value.toLowerCase())"></p>')
+
+
+def _row(p: PeerPath, names: Mapping[str, str], lat: PeerLatency | None) -> str:
+    name = names.get(p.public_key, "")
+    label = f"{escape(name)}<br><small>{escape(p.public_key)}</small>" if name else (
+        f"<small>{escape(p.public_key)}</small>")
+    q = escape(f"{name} {p.public_key} {p.endpoint} {p.device}".lower())
+    return (f'<tr data-q="{q}"><td>{label}</td><td>{escape(p.endpoint) or "<small>none</small>"}'
+            f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
+            f'<td class="lat">{_latency_cell(lat)}</td><td>{_fix_cell(p)}</td></tr>')
+
+
+def _problem(p: PeerPath, lat: PeerLatency | None) -> bool:
+    """Nested (undeclared), looping, unroutable or unknown, or slower than it should be."""
+    quiet = p.verdict in (PathVerdict.DIRECT, PathVerdict.NO_ENDPOINT) or (
+        p.verdict == PathVerdict.NESTED and p.allowed)
+    return not quiet or (lat is not None and lat.anomaly)
+
+
 def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str, str],
            telemetry_path: str = "/metrics",
            latency: Mapping[tuple[str, str], PeerLatency] | None = None,
            prober: SourceFailure | None = None) -> str:
+    """Problems first (nested, loops, anomalies, unroutable, unknown), then each device with
+    its healthy peers folded and counted: a 10,000-peer gateway stays readable."""
     head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
             f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
             f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
             f'<a href="{escape(telemetry_path)}">metrics</a></small>')
     if snap is None:
         return head + "<p>First snapshot not taken yet.</p></body></html>"
+    lats = latency or {}
     v = check_result(snap, paths, latency, prober)
     taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.taken_at))
     out = [head, f'<div class="banner b{int(v.code)}">{v.code.name}: {escape(v.summary)}</div>',
-           f"<small>snapshot {taken}</small>"]
+           f"<small>snapshot {taken}</small>", _FILTER]
+    by_device: dict[str, list[PeerPath]] = {}
+    for p in paths:
+        by_device.setdefault(p.device, []).append(p)
+    problems = [p for p in paths if _problem(p, lats.get((p.device, p.public_key)))]
+    if problems:
+        out.append(f"<h2>Problems ({len(problems)})</h2><table>{_HEADER}")
+        out.extend(_row(p, names, lats.get((p.device, p.public_key))) for p in problems)
+        out.append("</table>")
     for d in snap.devices:
         mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
-        out.append(f"<h2>{escape(d.name)}</h2><p><small>{escape(d.implementation)} &middot; "
-                   f"fwmark {mark} &middot; listen port {d.listen_port} &middot; MTU {d.mtu}"
-                   "</small></p><table><tr><th>peer</th><th>endpoint</th><th>transport path"
-                   "</th><th>verdict</th><th>latency</th><th>fix</th></tr>")
-        for p in (p for p in paths if p.device == d.name):
-            name = names.get(p.public_key, "")
-            label = f"{escape(name)}<br><small>{escape(p.public_key)}</small>" if name else (
-                f"<small>{escape(p.public_key)}</small>")
-            out.append(f"<tr><td>{label}</td><td>{escape(p.endpoint) or '<small>none</small>'}"
-                       f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
-                       f'<td class="lat">'
-                       f"{_latency_cell((latency or {}).get((p.device, p.public_key)))}</td>"
-                       f"<td>{_fix_cell(p)}</td></tr>")
-        out.append("</table>")
+        mine = by_device.get(d.name, [])
+        healthy = [p for p in mine if not _problem(p, lats.get((p.device, p.public_key)))]
+        counts = ", ".join(f"{n} {verdict.replace('_', ' ')}" for verdict, n in sorted(
+            Counter(p.verdict for p in mine).items()))
+        out.append(f'<h2 id="dev-{escape(d.name)}">{escape(d.name)}</h2><p><small>'
+                   f"{escape(d.implementation)} &middot; fwmark {mark} &middot; listen port "
+                   f"{d.listen_port} &middot; MTU {d.mtu} &middot; {len(mine)} peers"
+                   f"{': ' + counts if counts else ''}</small></p>")
+        if healthy:
+            fold = " open" if len(healthy) <= FOLD_ABOVE else ""
+            out.append(f"<details{fold}><summary>{len(healthy)} healthy peers</summary>"
+                       f"<table>{_HEADER}")
+            out.extend(_row(p, names, lats.get((p.device, p.public_key))) for p in healthy)
+            out.append("</table></details>")
     if not snap.devices:
         out.append("<p>No WireGuard devices in this network namespace.</p>")
     for failure in (*snap.failures, *([prober] if prober else [])):
