@@ -94,10 +94,14 @@ _FILTER = ('<p><input id="q" type="search" placeholder="filter peers: name, key,
            'r.hidden=!r.dataset.q.includes(this.value.toLowerCase())"></p>')
 
 
-def _row(p: PeerPath, names: Mapping[str, str], lat: PeerLatency | None) -> str:
+def _row(p: PeerPath, names: Mapping[str, str], lat: PeerLatency | None,
+         device: bool = False) -> str:
     name = names.get(p.public_key, "")
     label = f"{escape(name)}<br><small>{escape(p.public_key)}</small>" if name else (
         f"<small>{escape(p.public_key)}</small>")
+    if device:  # in the problems table, which device's peer it is
+        label = f'<a href="#dev-{escape(p.device)}">{escape(p.device)}</a><br>{label}'
+
     q = escape(f"{name} {p.public_key} {p.endpoint} {p.device}".lower())
     return (f'<tr data-q="{q}"><td>{label}</td><td>{escape(p.endpoint) or "<small>none</small>"}'
             f"</td><td>{_path_cell(p)}</td><td>{_verdict_cell(p)}</td>"
@@ -134,7 +138,8 @@ def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str,
     problems = [p for p in paths if _problem(p, lats.get((p.device, p.public_key)))]
     if problems:
         out.append(f"<h2>Problems ({len(problems)})</h2><table>{_HEADER}")
-        out.extend(_row(p, names, lats.get((p.device, p.public_key))) for p in problems)
+        out.extend(_row(p, names, lats.get((p.device, p.public_key)), device=True)
+                   for p in problems)
         out.append("</table>")
     for d in snap.devices:
         mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
