@@ -519,7 +519,7 @@ def main() -> int:
             print(f"  {n} peers configured over UAPI in {took:.2f} s; measuring ...", flush=True)
             row = child(lab, args.runs, args.profile, args.env)
             if not args.no_serve:
-                row["defaults"] = serve_run(lab, args=("--no-probe.histograms",))
+                row["defaults"] = serve_run(lab)
             rows.append(row)
             if args.profile:
                 print(row.pop("profile"))
