@@ -4,7 +4,6 @@ passes it (fd 3, LISTEN_PID, LISTEN_FDS). In a network namespace of the test's o
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.hardening.conftest import child_env
+from tests.hardening.conftest import child_env, stop_process
 from tests.lab.lab import in_netns
 
 pytestmark = pytest.mark.lab
@@ -54,13 +53,7 @@ def run_until_serving(ns: str, argv: list[str], urls: list[str]) -> subprocess.P
     raise AssertionError(f"not serving on {urls}: {err.decode()[-1500:]}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
+stop = stop_process
 
 
 def test_several_listen_addresses(netns: str) -> None:

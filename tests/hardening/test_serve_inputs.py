@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hardening.conftest import Figures, child_env, ms
+from tests.hardening.conftest import Figures, child_env, ms, stop_process
 
 pytestmark = pytest.mark.lab
 
@@ -46,13 +46,7 @@ def serve(ns: str, *args: str, timeout: float = 10.0) -> tuple[int | None, str, 
             time.sleep(0.02)
         raise AssertionError(f"wgnest serve neither served nor exited in {timeout} s: {lines}")
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
 
 def fifo(tmp_path: Path, name: str) -> Path:

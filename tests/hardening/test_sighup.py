@@ -5,7 +5,6 @@ network namespace of the test's own, scraped there."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from tests.hardening.conftest import child_env
+from tests.hardening.conftest import child_env, stop_process
 from tests.lab.lab import in_netns
 
 pytestmark = pytest.mark.lab
@@ -79,9 +78,4 @@ def test_sighup_reloads_web_config_and_peer_names(netns: str, tmp_path: Path) ->
         reloads = [line for line in log.read_text().splitlines() if "SIGHUP" in line]
         assert len(reloads) == 2  # one line each
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
