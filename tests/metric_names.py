@@ -24,6 +24,7 @@ METRIC_LABELS = MappingProxyType({
     "wireguard_device_mtu_bytes": ("device",),
     # peers
     "wireguard_peer_info": ("device", "public_key", "endpoint", "name", "allowed_ips"),
+    "wireguard_peer_allowed_ips_info": ("device", "public_key", "allowed_ips", "family"),
     "wireguard_peer_receive_bytes_total": _PEER,
     "wireguard_peer_transmit_bytes_total": _PEER,
     "wireguard_peer_last_handshake_seconds": _PEER,

@@ -107,3 +107,29 @@ def test_light_family_any_values(rows: list[tuple[list[str], float]], kind: str)
         fam.add((values[0], values[1]), abs(value) if kind == "counter" and value == value
                 else (0 if kind == "counter" else value))
     assert exposition([fam]) == reference([fam.as_metric()])
+
+
+def test_allowed_ips_info_one_series_per_allowed_ip_sorted_fully() -> None:
+    """mdlayher's wireguard_peer_allowed_ips_info{device,public_key,allowed_ips,family}, and
+    the joined label sorted by family, then address, then prefix."""
+    import dataclasses
+    import ipaddress
+
+    from tests.test_analysis import KB, seed
+    from wgnest.analysis.paths import diagnose
+    from wgnest.surfaces.metrics import wireguard_families
+
+    s = seed()
+    nets = tuple(ipaddress.ip_network(n) for n in
+                 ("fd00::/64", "10.2.0.0/24", "10.1.0.0/24", "10.1.0.0/16"))
+    wg1 = dataclasses.replace(s.devices[1], peers=(dataclasses.replace(
+        s.devices[1].peers[0], allowed_ips=nets),))
+    s = dataclasses.replace(s, devices=(s.devices[0], wg1))
+    text = exposition(wireguard_families(s, diagnose(s), {})).decode()
+    rows = [line for line in text.splitlines()
+            if line.startswith("wireguard_peer_allowed_ips_info{") and KB in line]
+    assert [r.split('allowed_ips="')[1].split('"')[0] for r in rows] == [
+        "10.1.0.0/16", "10.1.0.0/24", "10.2.0.0/24", "fd00::/64"]
+    assert 'family="IPv6"' in rows[-1]
+    assert 'family="IPv4"' in rows[0]
+    assert 'allowed_ips="10.1.0.0/16,10.1.0.0/24,10.2.0.0/24,fd00::/64"' in text

@@ -445,3 +445,25 @@ def test_parsed_names_round_trip_through_exposition() -> None:
 @given(st.text(st.characters(blacklist_categories=["Cs"])))
 def test_any_name_round_trips_through_exposition(name: str) -> None:
     assert _round_trip(name) == name
+
+
+def test_mdlayher_peer_names_flag_and_priority(tmp_path: Path) -> None:
+    from wgnest.sources.peer_names import parse_peer_names_flag
+
+    a, b = "A" * 43 + "=", "B" * 42 + "A="
+    assert parse_peer_names_flag(f"{a}:foo, {b}:bar baz") == {a: "foo", b: "bar baz"}
+    for bad in ("nokey", f"{a}:", "short:foo"):
+        with pytest.raises(peer_names.PeerNamesError, match=r"--wireguard\.peer-names"):
+            parse_peer_names_flag(bad)
+    toml = tmp_path / "peers.toml"
+    toml.write_text(f'[[peer]]\npublic_key = "{a}"\nname = "from file"\n')
+    names, _ = peer_names.load_peer_names(tmp_path, toml, (), names_flag=f"{a}:flag,{b}:bar")
+    assert names == {a: "from file", b: "bar"}  # the file takes priority, as mdlayher's
+
+
+def test_mindflavor_friendly_json_names_a_peer() -> None:
+    a, b = "A" * 43 + "=", "B" * 42 + "A="
+    text = (f'[Interface]\n[Peer]\n# friendly_json = {{"friendly_name": "laptop", "x": 1}}\n'
+            f"PublicKey = {a}\n[Peer]\n# friendly_json = not json\nPublicKey = {b}\n")
+    names, _ = peer_names.parse_wg_config(text, "wg0.conf")
+    assert names == {a: "laptop"}

@@ -193,6 +193,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="exporter-toolkit web config: TLS, basic auth, headers (default none)")
     p.add_argument("--refresh.interval", dest="refresh_interval", type=REFRESH_INTERVAL,
                    default=5.0, help="time between snapshots, 100ms to 1h (default 5s)")
+    p.add_argument("--wireguard.peer-names", dest="peer_names", default="",
+                   metavar="KEY:NAME,...",
+                   help="peer names as mdlayher/wireguard_exporter takes them: "
+                        "\"keyA:foo,keyB:bar\" (the peer file takes priority)")
     p.add_argument("--wireguard.peer-file", dest="peer_file", type=Path, default=None,
                    help="TOML file of peer names, mdlayher/wireguard_exporter's format "
                         "([[peer]] public_key, name; default none)")

@@ -45,7 +45,8 @@ class Reloadable:
     def reload(self, servers: list[Server]) -> None:  # on the main thread, never a handler
         try:
             web_config = load_web_config(self.args.web_config) if self.args.web_config else None
-            names, warnings = load_peer_names(self.args.config_dir, self.args.peer_file)
+            names, warnings = load_peer_names(self.args.config_dir, self.args.peer_file,
+                                              names_flag=self.args.peer_names)
         except (WebConfigError, PeerNamesError) as exc:
             log.error("reload (SIGHUP) failed, keeping the previous configuration: %s", exc)
             return
@@ -132,7 +133,8 @@ def _listen(args: argparse.Namespace, pages: _Pages, web_config: WebConfig | Non
 def run_serve(args: argparse.Namespace) -> int:
     try:
         web_config = load_web_config(args.web_config) if args.web_config else None
-        names, warnings = load_peer_names(args.config_dir, args.peer_file)
+        names, warnings = load_peer_names(args.config_dir, args.peer_file,
+                                          names_flag=args.peer_names)
     except (WebConfigError, PeerNamesError) as exc:
         sys.stderr.write(f"wgnest: {exc}\n")
         return 2

@@ -14,6 +14,7 @@ or error ever quotes a line of input.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import tomllib
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from wgnest.sources.files import FileInputError, read_config_bytes
 DEFAULT_DIRS = frozenset({Path("/etc/wireguard"), Path("/etc/systemd/network")})
 _PEER_SECTIONS = frozenset({"peer", "wireguardpeer"})
 _FRIENDLY = re.compile(r"#\s*friendly_name\s*=(.*)", re.IGNORECASE)
+_FRIENDLY_JSON = re.compile(r"#\s*friendly_json\s*=(.*)", re.IGNORECASE)  # MindFlavor's
 _BEFORE = re.compile(r"#\s*(Client|Name):(.*)")  # wg-easy / wireguard-ui, before [Peer]
 _ID_SUFFIX = re.compile(r"\s\([^()]*\)$")  # wg-easy's " (client id)"
 _FIELD = re.compile(r"\s*[A-Za-z][\w-]*\s*")
@@ -47,6 +49,34 @@ def _valid_key(key: str) -> bool:
     return len(key) == 44 and len(raw) == 32 and base64.b64encode(raw).decode() == key
 
 
+def _json_name(text: str) -> str:
+    """The name in MindFlavor's `# friendly_json = {...}` tag: its `friendly_name` or `name`
+    string; "" when the JSON is not an object or has neither."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return ""
+    if not isinstance(doc, dict):
+        return ""
+    for key in ("friendly_name", "name"):
+        if isinstance(doc.get(key), str) and doc[key].strip():
+            return str(doc[key]).strip()
+    return ""
+
+
+def parse_peer_names_flag(spec: str) -> dict[str, str]:
+    """mdlayher's --wireguard.peer-names: "keyA:foo,keyB:bar" -> {key: name}. Raises
+    PeerNamesError naming the bad entry (keys are shown, they are public)."""
+    names: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        key, sep, name = entry.partition(":")
+        if not sep or not _valid_key(key.strip()) or not name.strip():
+            raise PeerNamesError(f"--wireguard.peer-names: {_show(entry)!r} is not "
+                                 "PUBLIC_KEY:NAME")
+        names[key.strip()] = name.strip()
+    return names
+
+
 def parse_wg_config(text: str, source: str) -> tuple[dict[str, str], list[str]]:
     """Names from one wg-quick or .netdev file: ({public_key: name}, warnings).
 
@@ -66,6 +96,8 @@ def parse_wg_config(text: str, source: str) -> tuple[dict[str, str], list[str]]:
         if not line or line[0] in "#;":
             if m := _FRIENDLY.fullmatch(line):
                 name = m[1].strip()
+            elif m := _FRIENDLY_JSON.fullmatch(line):
+                name = _json_name(m[1]) or name
             elif m := _BEFORE.fullmatch(line):
                 pending = m[2].strip() if m[1] == "Name" else _ID_SUFFIX.sub("", m[2].strip())
             elif not line:
@@ -154,8 +186,11 @@ def load_peer_names(
     config_dir: Path | None = Path("/etc/wireguard"),
     peer_file: Path | None = None,
     netdev_dirs: Sequence[Path] = (Path("/etc/systemd/network"),),
+    names_flag: str = "",
 ) -> tuple[dict[str, str], list[str]]:
-    """({public_key: name}, warnings). Raises PeerNamesError only for a bad peer_file."""
+    """({public_key: name}, warnings). Raises PeerNamesError only for a bad peer_file or
+    --wireguard.peer-names. Later sources win: configs, .netdev files, the flag, the file
+    (mdlayher's order: the TOML file takes priority over the flag)."""
     names: dict[str, str] = {}
     warnings: list[str] = []
     dirs = list(dict.fromkeys([*([config_dir] if config_dir is not None else []), *netdev_dirs]))
@@ -164,6 +199,7 @@ def load_peer_names(
     netdevs = [p for d in dirs for p in listing[d] if p.suffix == ".netdev"]
     for path in [*confs, *netdevs]:
         _read_config(path, names, warnings)
+    names.update(parse_peer_names_flag(names_flag))
     if peer_file is not None:
         _read_peer_file(peer_file, names, warnings)
     return names, warnings

@@ -24,11 +24,28 @@ _LABELS_MAX = 1 << 16
 _allowed_labels: dict[tuple[IPNetwork, ...], str] = {}  # remembered: str() of an IPv6 is slow
 
 
+def _order(net: IPNetwork) -> tuple[int, int, int]:
+    """Family, then address, then prefix length: the order allowed IPs are shown in."""
+    return net.version, int(net.network_address), net.prefixlen
+
+
+FAMILY = {4: "IPv4", 6: "IPv6"}
+_net_texts: dict[IPNetwork, str] = {}
+
+
+def _net_text(net: IPNetwork) -> str:
+    text = _net_texts.get(net)
+    if text is None:
+        if len(_net_texts) >= _LABELS_MAX:
+            _net_texts.clear()
+        text = _net_texts[net] = str(net)
+    return text
+
+
 def allowed_ips_label(peer: Peer) -> str:
     label = _allowed_labels.get(peer.allowed_ips)
     if label is None:
-        nets = sorted(peer.allowed_ips, key=lambda n: n.version)  # stable: IPv4 before IPv6
-        label = ",".join(str(n) for n in nets)
+        label = ",".join(str(n) for n in sorted(peer.allowed_ips, key=_order))
         if len(_allowed_labels) >= _LABELS_MAX:
             _allowed_labels.clear()
         _allowed_labels[peer.allowed_ips] = label
@@ -36,7 +53,7 @@ def allowed_ips_label(peer: Peer) -> str:
 
 
 def device_families(snap: Snapshot) -> Iterator[Family]:
-    info = gauge("wireguard_device_info", "WireGuard device (value 1).", *DP)
+    info = gauge("wireguard_device_info", "Metadata about a device.", *DP)
     fwmark = gauge("wireguard_device_fwmark",
                     "Firewall mark of the device's transport packets (0 = none).", "device")
     port = gauge("wireguard_device_listen_port", "UDP port the device listens on.", "device")
@@ -50,13 +67,20 @@ def device_families(snap: Snapshot) -> Iterator[Family]:
 
 
 def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
+    # The help of the families mdlayher/wireguard_exporter has too is its help, word for word.
     info = gauge("wireguard_peer_info",
-                  "WireGuard peer (value 1): endpoint, friendly name, allowed IPs.",
-                  *DP, "endpoint", "name", "allowed_ips")
-    rx = counter("wireguard_peer_receive_bytes", "Bytes received from the peer.", *DP)
-    tx = counter("wireguard_peer_transmit_bytes", "Bytes sent to the peer.", *DP)
+                 "Metadata about a peer. The public_key label on peer metrics refers to the "
+                 "peer's public key; not the device's public key.",
+                 *DP, "endpoint", "name", "allowed_ips")
+    allowed = gauge("wireguard_peer_allowed_ips_info",
+                    "Metadata about each of a peer's allowed IP subnets for a given device.",
+                    *DP, "allowed_ips", "family")
+    rx = counter("wireguard_peer_receive_bytes", "Number of bytes received from a given peer.",
+                 *DP)
+    tx = counter("wireguard_peer_transmit_bytes",
+                 "Number of bytes transmitted to a given peer.", *DP)
     last = gauge("wireguard_peer_last_handshake_seconds",
-                  "Unix time of the last handshake with the peer; 0 if there was none.", *DP)
+                 "UNIX timestamp for the last handshake with a given peer.", *DP)
     age = gauge("wireguard_peer_handshake_age_seconds",
                  "Seconds from the last handshake to the snapshot; absent if there was none.",
                  *DP)
@@ -66,12 +90,14 @@ def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
             labels = (d.name, p.public_key)
             info.add((*labels, str(p.endpoint or ""), names.get(p.public_key, ""),
                       allowed_ips_label(p)), 1)
+            for net in sorted(p.allowed_ips, key=_order):
+                allowed.add((*labels, _net_text(net), FAMILY[net.version]), 1)
             rx.add(labels, p.rx_bytes)
             tx.add(labels, p.tx_bytes)
             last.add(labels, p.last_handshake)
             if p.last_handshake > 0:
                 age.add(labels, max(0.0, taken_at - p.last_handshake))
-    yield from (info, rx, tx, last, age)
+    yield from (info, allowed, rx, tx, last, age)
 
 
 def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
