@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPORTER = os.environ.get("WGNEST_BENCH_EXPORTER", str(REPO / "exporter"))
 sys.path[:0] = [EXPORTER, str(REPO)]
 
-from tests.lab.lab import UAPI_DIR, daemon_pids, run, uapi_set  # noqa: E402
+from tests.lab.lab import UAPI_DIR, daemon_pids, run, stop_process, uapi_set  # noqa: E402
 
 GOALS = {"refresh_vs_dump": 1.5, "scrape_ms": 100.0, "rss_mib": 60.0}
 UAPI_BATCH = 2000  # peers per `set=1` operation
@@ -403,12 +403,7 @@ def serve_run(lab: ScaleLab, warmup: float = 12.0, seconds: float = 20.0,
         out.update(core=(cpu1 - cpu0) / (wall1 - wall0), rss=rss)
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, grace=10.0)
 
 
 def ms(seconds: float) -> str:

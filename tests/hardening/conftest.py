@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import pytest
 
 import wgnest
+from tests.lab.lab import stop_process  # noqa: F401  (the hardening tests import it here)
 
 HERE = Path(__file__).resolve().parent
 EXPORTER = Path(wgnest.__file__).resolve().parent.parent  # the tree under test
@@ -244,14 +244,3 @@ def netns() -> Iterator[str]:
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL after 5 s; always reaped."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.lab.lab import REPO, Host, Lab, Server, genkey, http_get, run
+from tests.lab.lab import REPO, Host, Lab, Server, http_get, run
 
 WGNEST = REPO / ".venv" / "bin" / "wgnest"
 # The guest runs Python ~10-80x slower than the host: one wgnest process takes tens of seconds.
@@ -50,28 +50,9 @@ def link_kind(ns: str, name: str) -> str:
 class KernelLab(Lab):
     """The userspace lab's topology with kernel WireGuard servers."""
 
-    def _server(self, host: Host, i: int) -> Server:
-        name = f"{self.tag}s{i}"
-        private, public = genkey()
-        self.private_keys.append(private)
-        srv = Server(host, name, private, public, f"10.20{i}.0.1", f"fd0{i}::1")
-        keyfile = self.workdir / f"{name}.key"
-        keyfile.write_text(private + "\n")
-        keyfile.chmod(0o600)
-        run("ip", "link", "add", name, "type", "wireguard", ns=host.ns)
-        run("wg", "set", name, "listen-port", str(srv.port), "private-key", str(keyfile),
-            ns=host.ns)
-        run("ip", "addr", "add", f"{srv.tunnel_v4}/24", "dev", name, ns=host.ns)
-        run("ip", "-6", "addr", "add", f"{srv.tunnel_v6}/64", "dev", name, "nodad", ns=host.ns)
-        run("ip", "link", "set", name, "up", ns=host.ns)
-        run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=host.ns)
-        run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=host.ns)
-        # As in the userspace lab: what leaves towards the router is masqueraded, so a far
-        # server sees this server's address as the source of a tunnel nested in this one.
-        run("nft", "-f", "-", ns=host.ns, input=(
-            "table inet labnat {\n chain post {\n  type nat hook postrouting priority 100;\n"
-            f'  oifname "{host.dev}" masquerade\n }}\n}}\n'))
-        return srv
+    def _server_device(self, host: Host, srv: Server) -> None:
+        """A kernel WireGuard device: removed with its namespace."""
+        run("ip", "link", "add", srv.name, "type", "wireguard", ns=host.ns)
 
     def serve(self, *args: str, port: int = 9586) -> subprocess.Popen[str]:
         """`wgnest serve` in the client namespace on its loopback, with a start-up deadline

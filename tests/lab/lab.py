@@ -10,6 +10,7 @@ Topology (addresses are per lab and only exist inside its namespaces):
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -64,6 +65,17 @@ def run(*cmd: str, ns: str | None = None, check: bool = True, input: str | None 
     argv = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
     return subprocess.run(argv, check=check, capture_output=True, text=True, input=input,
                           env=env, timeout=timeout)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
 
 
 def uapi_set(device: str, body: str, timeout: float = 10.0) -> None:
@@ -188,23 +200,13 @@ class Lab:
         return host
 
     def _server(self, host: Host, i: int) -> Server:
+        """A WireGuard server in `host`: its device (see _server_device), key, port,
+        addresses, forwarding and NAT."""
         name = f"{self.tag}s{i}"
         private, public = genkey()
         self.private_keys.append(private)
         srv = Server(host, name, private, public, f"10.20{i}.0.1", f"fd0{i}::1")
-        self.interfaces.append(name)
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.ns, "wireguard-go", "-f", name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
-        self.extra_procs.append(proc)
-        deadline = time.monotonic() + 10
-        while not (UAPI_DIR / f"{name}.sock").exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"wireguard-go {name} did not start")
-            time.sleep(0.02)
-        srv.pid = next(iter(daemon_pids(name)), proc.pid)
-        self.pids.append(srv.pid)
+        self._server_device(host, srv)
         keyfile = self.workdir / f"{name}.key"
         keyfile.write_text(private + "\n")
         keyfile.chmod(0o600)
@@ -222,6 +224,33 @@ class Lab:
             f'  oifname "{host.dev}" masquerade\n }}\n}}\n'))
         return srv
 
+    def _server_device(self, host: Host, srv: Server) -> None:
+        """The server's device: wireguard-go, its pid and UAPI socket remembered for close()."""
+        name = srv.name
+        self.interfaces.append(name)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, "wireguard-go", "-f", name],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
+        self.extra_procs.append(proc)
+        deadline = time.monotonic() + 10
+        while not (UAPI_DIR / f"{name}.sock").exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"wireguard-go {name} did not start")
+            time.sleep(0.02)
+        srv.pid = next(iter(daemon_pids(name)), proc.pid)
+        self.pids.append(srv.pid)
+
+    def assert_no_private_key(self, *texts: str | bytes) -> None:
+        """No private key of the lab, in base64 or hex, in any of `texts`."""
+        for private in self.private_keys:
+            for form in (private, base64.b64decode(private).hex()):
+                for text in texts:
+                    hit = (form.encode() if isinstance(text, bytes) else form) in text
+                    assert not hit, "a private key: " + "".join(
+                        line.replace(form, "<PRIVATE KEY>")[:300] + "\n"
+                        for line in str(text).splitlines() if form in line)[:900]
+
     # ---- tunnels ----------------------------------------------------------------------
     def add_server_peer(self, srv: Server, public: str, v4: str, v6: str) -> None:
         run("wg", "set", srv.name, "peer", public, "allowed-ips", f"{v4}/32,{v6}/128",
@@ -231,6 +260,18 @@ class Lab:
                       extra: str = "", peer_extra: str = "") -> str:
         """Write a wg-quick config for client tunnel `index` to `srv` and bring it up with
         wg-quick in the client namespace. Returns the interface name."""
+        name, conf = self.client_config(index, srv, allowed, v6=v6, extra=extra,
+                                        peer_extra=peer_extra)
+        try:
+            run("wg-quick", "up", str(conf), ns=self.client.ns)
+        finally:
+            self.pids.extend(daemon_pids(name))
+        return name
+
+    def client_config(self, index: int, srv: Server, allowed: str, *, v6: bool = False,
+                      extra: str = "", peer_extra: str = "") -> tuple[str, Path]:
+        """Write the wg-quick config of client tunnel `index` (the server learns the peer),
+        without bringing it up. Returns (interface name, config path)."""
         name = f"{self.tag}w{index}"
         private, public = genkey()
         self.private_keys.append(private)
@@ -246,11 +287,7 @@ class Lab:
         conf.chmod(0o600)
         self.interfaces.append(name)
         self.public_keys[name] = public
-        try:
-            run("wg-quick", "up", str(conf), ns=self.client.ns)
-        finally:
-            self.pids.extend(daemon_pids(name))
-        return name
+        return name, conf
 
     def wg_down(self, name: str) -> None:
         run("wg-quick", "down", str(self.workdir / f"{name}.conf"), ns=self.client.ns)

@@ -11,28 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.lab.lab import REPO, Lab, Server, daemon_pids, genkey, run
+from tests.lab.lab import REPO, Lab, Server, daemon_pids, run
 
 
 def write_config(lab: Lab, index: int, srv: Server, allowed: str, *, v6: bool = False,
                  extra: str = "", peer_extra: str = "") -> tuple[str, Path]:
     """The config lab.client_tunnel would write (the server learns the peer), not up yet."""
-    name = f"{lab.tag}w{index}"
-    private, public = genkey()
-    lab.private_keys.append(private)
-    n = srv.name[-1]
-    v4, v6addr = f"10.20{n}.0.{10 + index}", f"fd0{n}::{10 + index}"
-    lab.add_server_peer(srv, public, v4, v6addr)
-    ep = f"[{srv.host.v6}]:{srv.port}" if v6 else f"{srv.host.v4}:{srv.port}"
-    conf = lab.workdir / f"{name}.conf"
-    conf.write_text(
-        f"[Interface]\nPrivateKey = {private}\nAddress = {v4}/24, {v6addr}/64\n{extra}\n"
-        f"[Peer]\nPublicKey = {srv.public}\nAllowedIPs = {allowed}\nEndpoint = {ep}\n"
-        f"{peer_extra}\n")
-    conf.chmod(0o600)
-    lab.interfaces.append(name)
-    lab.public_keys[name] = public
-    return name, conf
+    return lab.client_config(index, srv, allowed, v6=v6, extra=extra, peer_extra=peer_extra)
 
 
 def env() -> dict[str, str]:

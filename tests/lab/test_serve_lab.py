@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import shutil
 import subprocess
 import time
@@ -98,12 +97,7 @@ def test_serve_seed_metrics_then_tunnel_down(lab: Lab) -> None:
     assert status == 200
     assert w0.encode() in page
     assert lab.serve_log is not None
-    logged = lab.serve_log.read_text()
-    for private in lab.private_keys:
-        for form in (private, base64.b64decode(private).hex()):
-            assert form not in text
-            assert form not in logged
-            assert form.encode() not in page
+    lab.assert_no_private_key(text, lab.serve_log.read_text(), page)
 
 
 def test_status_page_shows_verdict_and_fix(lab: Lab) -> None:
