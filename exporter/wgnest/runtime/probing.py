@@ -16,10 +16,13 @@ from wgnest.probe.prober import Prober
 from wgnest.probe.targets import Selection, TargetPlan, probe_targets
 
 log = logging.getLogger(__name__)
+Current = tuple[Snapshot, Sequence[PeerPath], ProbeSnapshot | None]
 
 
 def make_prober(args: argparse.Namespace,
-                state: Callable[[], tuple[Snapshot, Sequence[PeerPath]] | None]) -> Prober:
+                state: Callable[[], Current | None]) -> Prober:
+    """`state()` gives the newest snapshot, its paths and the probe state it was rendered
+    with (None: take the prober's own)."""
     explicit = dict(args.probe_targets)
     selection = Selection(args.probe_device, frozenset(args.probe_peers))
     last: list[tuple[Snapshot, TargetPlan]] = []  # the plan of the newest snapshot
@@ -31,8 +34,9 @@ def make_prober(args: argparse.Namespace,
         if current is None:
             return None
         if not last or last[0][0] is not current[0]:
-            snap, paths = current
-            verdicts = peer_latencies(prober.snapshot(), [(p.device, p.public_key) for p in paths],
+            snap, paths, probes = current
+            verdicts = peer_latencies(probes if probes is not None else prober.snapshot(),
+                                      [(p.device, p.public_key) for p in paths],
                                       args.anomaly_ratio, args.anomaly_min_excess)
             urgent = {k for k, v in verdicts.items() if v.anomaly}
             last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent))]
@@ -53,7 +57,7 @@ def make_prober(args: argparse.Namespace,
 def measure_latency(args: argparse.Namespace, snap: Snapshot, paths: list[PeerPath]
                     ) -> tuple[dict[tuple[str, str], PeerLatency] | None, ProbeSnapshot | None]:
     """Probe every path `--probe.count` times, then judge each peer's latency."""
-    prober = make_prober(args, lambda: (snap, paths))
+    prober = make_prober(args, lambda: (snap, paths, None))
     if prober.disabled_reason:
         log.warning("latency not measured: %s", prober.disabled_reason)
         return None, None

@@ -16,12 +16,10 @@ from collections.abc import Callable
 from types import FrameType
 
 from wgnest.analysis.latency import peer_latencies
-from wgnest.analysis.paths import PeerPath
-from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
 from wgnest.runtime.options import reported_from
-from wgnest.runtime.probing import make_prober
+from wgnest.runtime.probing import Current, make_prober
 from wgnest.runtime.refresher import Refresher
 from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
@@ -148,9 +146,11 @@ def run_serve(args: argparse.Namespace) -> int:
     prober: Prober | None = None
     refresher: Refresher
 
-    def current() -> tuple[Snapshot, list[PeerPath]] | None:
+    def current() -> Current | None:
+        """The newest state, with the probe state its metrics were rendered from: the
+        plan's anomaly verdicts reuse it instead of copying the prober's series again."""
         state = refresher.state
-        return (state.snapshot, state.paths) if state is not None else None
+        return (state.snapshot, state.paths, state.probes) if state is not None else None
 
     if args.probe:
         prober = make_prober(args, current)
