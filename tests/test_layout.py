@@ -1,6 +1,6 @@
 """The one-way architecture, enforced: sources -> snapshot -> analysis -> surfaces.
 
-`analysis` and `surfaces` never import the sources, the snapshot builder, the prober or the
+`analysis` and `surfaces` never import the sources, the snapshot builders, the prober or the
 runtime (so they stay pure functions over frozen data, testable by hand-built snapshots);
 `analysis` never imports `surfaces`; `probe` never imports the runtime or the sources;
 `model` imports nothing of wgnest but itself. Imports inside functions count too.
@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "exporter" / "wgnest"
+BUILDERS = ("wgnest.snapshot", "wgnest.host_snapshot")
 FORBIDDEN = {
-    "model": ("wgnest.sources", "wgnest.snapshot", "wgnest.analysis", "wgnest.surfaces",
+    "model": ("wgnest.sources", *BUILDERS, "wgnest.analysis", "wgnest.surfaces",
               "wgnest.probe", "wgnest.runtime", "wgnest.periodic"),
-    "analysis": ("wgnest.sources", "wgnest.snapshot", "wgnest.surfaces", "wgnest.probe",
+    "analysis": ("wgnest.sources", *BUILDERS, "wgnest.surfaces", "wgnest.probe",
                  "wgnest.runtime", "wgnest.periodic"),
-    "surfaces": ("wgnest.sources", "wgnest.snapshot", "wgnest.probe", "wgnest.runtime",
+    "surfaces": ("wgnest.sources", *BUILDERS, "wgnest.probe", "wgnest.runtime",
                  "wgnest.periodic"),
-    "probe": ("wgnest.sources", "wgnest.snapshot", "wgnest.runtime", "wgnest.surfaces"),
-    "sources": ("wgnest.snapshot", "wgnest.analysis", "wgnest.surfaces", "wgnest.probe",
+    "probe": ("wgnest.sources", *BUILDERS, "wgnest.runtime", "wgnest.surfaces"),
+    "sources": (*BUILDERS, "wgnest.analysis", "wgnest.surfaces", "wgnest.probe",
                 "wgnest.runtime"),
 }
 # Outside the standard library, only these may be imported by the pure layers.
@@ -51,7 +52,8 @@ def test_every_layer_exists() -> None:
     for layer in FORBIDDEN:
         assert modules(layer), f"{layer}/ is empty"
     loose = {p.name for p in PACKAGE.glob("*.py")}
-    assert loose == {"__init__.py", "__main__.py", "snapshot.py", "periodic.py"}
+    assert loose == {"__init__.py", "__main__.py", "snapshot.py", "host_snapshot.py",
+                     "periodic.py"}
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))

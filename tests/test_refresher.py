@@ -66,7 +66,7 @@ def test_prober_status_travels_beside_the_snapshot() -> None:
     probes = ProbeSnapshot({}, SourceFailure("probe", "disabled", "no CAP_NET_RAW"), 0.0, 0)
     snap = fixed_seed()
     r = Refresher(lambda: snap, 1.0, probes=lambda: probes,
-                  probe_metrics=lambda p: exposition(probe_families(p)))
+                  probe_metrics=lambda p, _ns: exposition(probe_families(p)))
     state = r.refresh_once()
     assert state.snapshot is snap
     assert snap.failures == ()  # the snapshot is what was read, the prober is beside it
@@ -78,7 +78,7 @@ def test_prober_status_travels_beside_the_snapshot() -> None:
 def test_one_filtered_target_keeps_the_prober_healthy() -> None:
     probes = ProbeSnapshot({}, None, 0.01, 3, {"eperm": 3})
     r = Refresher(fixed_seed, 1.0, probes=lambda: probes,
-                  probe_metrics=lambda p: exposition(probe_families(p)))
+                  probe_metrics=lambda p, _ns: exposition(probe_families(p)))
     text = r.refresh_once().exposition.decode()
     assert 'wgnest_collector_success{collector="probe"} 1.0' in text
     assert 'wgnest_probe_send_errors_total{reason="eperm"} 3.0' in text  # counted, visible

@@ -3,6 +3,7 @@ transport flow and for each candidate fix. A failing source is recorded, never r
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class Reader:
     """The host's sources, kept open between refreshes."""
 
     uapi_dir: Path = Path("/var/run/wireguard")
+    # further UAPI directories of this namespace (a container's, through /proc/PID/root)
+    more_uapi_dirs: tuple[Path, ...] = ()
     uapi_timeout: float = 1.0
     netstate: NetState = field(default_factory=NetState)
     lookup: CachedRouteLookup = field(default_factory=CachedRouteLookup)
@@ -70,9 +73,16 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
         "wireguard_kernel", lambda: kernel_devices(links, reader.open_wg)) or ([], [])
     run.each("wireguard_kernel", kerr)
     skip = {link.name for link in links if link.kind == "wireguard"}
-    udevs, uerr, stale = run.timed("wireguard_uapi", lambda: uapi_devices(
-        links, reader.uapi_dir, reader.uapi_timeout, skip=skip)) or ([], [], [])
-    run.each("wireguard_uapi", uerr)
+    udevs: list[Device] = []
+    stale: list[Path] = []
+    for uapi_dir in dict.fromkeys((reader.uapi_dir, *reader.more_uapi_dirs)):
+        read = functools.partial(uapi_devices, links, uapi_dir, reader.uapi_timeout,
+                                 skip=frozenset(skip))
+        found, uerr, left = run.timed("wireguard_uapi", read) or ([], [], [])
+        run.each("wireguard_uapi", uerr)
+        udevs += found
+        stale += left
+        skip |= {d.name for d in found}
     devices: tuple[Device, ...] = tuple(sorted(kdevs + udevs, key=lambda d: d.name))
     # Only kernel devices keep their socket where they were made (see HostView).
     ports = run.timed("udp_sockets", reader.udp_ports) if kdevs else None

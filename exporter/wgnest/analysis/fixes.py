@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -71,13 +72,15 @@ def self_policy_routed(view: HostView, device: Device) -> bool:
         r.invert and r.fwmask and r.fwmark == device.fwmark for r in view.snap.rules)
 
 
-def fix_flows(snap: Snapshot) -> list[Flow]:
-    """Flows to look up so an FwMark fix can be verified by the kernel (the caller asks)."""
+def fix_flows(snap: Snapshot, devices: Sequence[Device] | None = None) -> list[Flow]:
+    """Flows to look up so an FwMark fix can be verified by the kernel (the caller asks), for
+    the snapshot's devices or the given ones (devices of another namespace whose sockets
+    this one holds)."""
     view = HostView(snap)
     out: list[Flow] = []
     if not any(a.ok and view.is_tunnel(a.oif) for a in snap.lookups.values()):
         return out  # no transport is routed into a tunnel: no fix to verify (the usual case)
-    for device in snap.devices:
+    for device in snap.devices if devices is None else devices:
         if self_policy_routed(view, device):
             continue
         for peer in device.peers:
@@ -91,6 +94,8 @@ def fix_flows(snap: Snapshot) -> list[Flow]:
 
 
 def packet(view: HostView, flow: Flow, ans: RouteAnswer) -> Packet:
+    if flow.iif:  # forwarded into this namespace: its own source, arriving on flow.iif
+        return Packet(flow, flow.src, "", view.name(flow.iif))
     src = ipaddress.ip_address(ans.prefsrc) if ans.prefsrc else None
     return Packet(flow, src, view.name(flow.oif) if flow.oif else "")
 
@@ -150,6 +155,13 @@ def derive_fix(view: HostView, device: Device, flow: Flow, ans: RouteAnswer,
     else:
         why_mark = (f"no fwmark the rules offer routes {flow.dst} around table "
                     f"{table_name(ans.table)}")
+    return route_or_rule_fix(view, flow, ans, capture, why_mark)
+
+
+def route_or_rule_fix(view: HostView, flow: Flow, ans: RouteAnswer, capture: Rule | None,
+                      why_mark: str) -> Fix:
+    """A host route in main when the rule order lets it win, else a rule before the
+    capturing one (for a forwarded transport too: no mark of the sender's reaches here)."""
     route, underlay = _host_route(view, flow)
     if capture is None:
         return Fix(FixKind.ROUTE, 0, Proof.NONE, _hooks((route,)), (route,),

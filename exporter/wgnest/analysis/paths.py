@@ -62,6 +62,8 @@ class PeerPath:
     captured_by: str = ""  # the rule that sent the transport where it goes (nested, loop)
     fix: Fix | None = None
     mtu: MtuCost | None = None
+    transport_netns: str = ""  # the namespace routing the transport, when not the device's
+    outer_netns: str = ""  # the outer tunnel's namespace, when not the device's
 
     @property
     def alarming(self) -> bool:
@@ -86,11 +88,13 @@ class _Hop:
     overhead: int  # header bytes around the inner packet when it crosses this link
 
 
-def _chain(view: HostView, device: Device, peer: Peer, first_oif: int) -> tuple[list[_Hop], str]:
-    """Follow the packets through nested tunnels. Returns (links crossed, outer peer key)."""
+def _chain(view: HostView, device: Device, peer: Peer, first_oif: int, guest: bool = False
+           ) -> tuple[list[_Hop], str]:
+    """Follow the packets through nested tunnels. Returns (links crossed, outer peer key).
+    A guest device (of another namespace) is none of this view's tunnels."""
     assert peer.endpoint is not None
     hops: list[_Hop] = []
-    seen = {device.name}
+    seen = set() if guest else {device.name}
     oif, address, outer_peer = first_oif, peer.endpoint.address, ""
     overhead = WG_OVERHEAD[address.version]
     while True:
@@ -132,14 +136,17 @@ def _mtu(view: HostView, device: Device, peer: Peer, hops: list[_Hop]) -> MtuCos
     return MtuCost(device.mtu, usable, direct, max(0, direct - usable))
 
 
-def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tuple[str, str]]
-              ) -> PeerPath:
+def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tuple[str, str]],
+              transport_netns: str = "") -> PeerPath:
+    """`transport_netns`: the device is a guest of `view`, the namespace of that name that
+    holds its socket (and so routes its transport); its own namespace is another one."""
     # One PeerPath built once per peer (no dataclasses.replace): this runs for every peer.
     flow = transport_flow(device, peer)
     endpoint = str(peer.endpoint or "")
+    guest = bool(transport_netns)
     if flow is None:
         return PeerPath(device.name, peer.public_key, endpoint, PathVerdict.NO_ENDPOINT, flow)
-    if view.socket_elsewhere(device):
+    if not guest and view.socket_elsewhere(device):
         return PeerPath(device.name, peer.public_key, endpoint, PathVerdict.UNKNOWN, flow,
                         error=f"no UDP socket on port {device.listen_port} in this network "
                               "namespace: the device was created in another namespace, "
@@ -153,13 +160,14 @@ def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tupl
     if not ans.ok:
         return PeerPath(device.name, peer.public_key, endpoint, PathVerdict.NO_ROUTE, flow,
                         egress, kind, table, ans.gateway, ans.prefsrc,
-                        error=ans.error or "unroutable")
+                        error=ans.error or "unroutable", transport_netns=transport_netns)
     if not view.is_tunnel(ans.oif):
         return PeerPath(device.name, peer.public_key, endpoint, PathVerdict.DIRECT, flow, egress,
-                        kind, table, ans.gateway, ans.prefsrc, chain=(device.name, egress))
-    hops, outer_peer = _chain(view, device, peer, ans.oif)
+                        kind, table, ans.gateway, ans.prefsrc, chain=(device.name, egress),
+                        transport_netns=transport_netns)
+    hops, outer_peer = _chain(view, device, peer, ans.oif, guest)
     chain = (device.name, *(h.link for h in hops))
-    loop = ans.oif == device.ifindex or device.name in chain[1:]
+    loop = not guest and (ans.oif == device.ifindex or device.name in chain[1:])
     capture = capture_of(view, flow, ans)
     return PeerPath(
         device.name, peer.public_key, endpoint,
@@ -168,7 +176,8 @@ def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tupl
         allowed=not loop and (device.name, egress) in allow,
         captured_by=str(capture) if capture is not None else "",
         fix=derive_fix(view, device, flow, ans, capture),
-        mtu=None if loop else _mtu(view, device, peer, hops))
+        mtu=None if loop else _mtu(view, device, peer, hops),
+        transport_netns=transport_netns, outer_netns=transport_netns)
 
 
 def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),

@@ -22,11 +22,12 @@ class Packet:
     flow: Flow
     src: IPAddress | None  # None: unknown (the lookup had no answer)
     oif: str = ""  # the output interface a bound socket pins; "" for none
+    iif: str = "lo"  # locally sent; a forwarded packet's link of arrival
 
 
 def _selectors_match(rule: Rule, pkt: Packet) -> bool:
     flow = pkt.flow
-    if rule.iif and rule.iif != "lo":
+    if rule.iif and rule.iif != pkt.iif:
         return False
     if rule.oif and rule.oif != pkt.oif:
         return False

@@ -16,6 +16,7 @@ class SourceFailure:
     collector: str
     reason: str  # one of REASONS
     message: str  # one line naming the input; never holds a key
+    netns: str = ""  # the network namespace it concerns (--netns other than self)
 
     def __str__(self) -> str:
         return f"{self.collector} failed ({self.reason}): {self.message}"

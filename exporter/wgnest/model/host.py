@@ -152,13 +152,16 @@ def _ports(ports: PortRange) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Flow:
-    """A transport flow exactly as WireGuard sends it (UDP, uid 0, no source address)."""
+    """A transport flow exactly as WireGuard sends it (UDP, uid 0, no source address), or as
+    a namespace that forwards it receives it (`iif` and `src` set, mark 0)."""
 
     dst: IPAddress
     mark: int
     sport: int
     dport: int
     oif: int = 0  # only for IPv6 link-local endpoints (scope id)
+    iif: int = 0  # forwarded: the link it arrives on (an input route lookup)
+    src: IPAddress | None = None  # forwarded: the sender's source address
 
 
 RTN_UNICAST, RTN_LOCAL = 1, 2

@@ -3,28 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
+from wgnest.analysis.host import diagnose_host
 from wgnest.analysis.nagios import Nagios, check_result
-from wgnest.analysis.paths import diagnose
 from wgnest.analysis.selection import reported
-from wgnest.runtime.options import build_parser, reported_from
+from wgnest.host_snapshot import HostReader
+from wgnest.runtime.options import build_parser, netns_from, reported_from
 from wgnest.runtime.probing import measure_latency
-from wgnest.snapshot import Reader, take
-from wgnest.surfaces.report import render_json, render_text
+from wgnest.surfaces.report import (
+    render_json,
+    render_json_netns,
+    render_text,
+    render_text_netns,
+    whole,
+)
 
 
 def run_check(args: argparse.Namespace) -> int:
-    reader = Reader(uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
+    spec = netns_from(args)
+    reader = HostReader(spec, uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
     try:
-        snap = take(reader)
+        host = reader.take()
     finally:
         reader.close()
-    snap, paths = reported(snap, diagnose(snap, set(args.allow)), reported_from(args))
-    latency, probes = measure_latency(args, snap, paths) if args.probe else (None, None)
+    analysed = diagnose_host(host, set(args.allow))
+    only = reported_from(args)
+    views = [(ns.name, ns.path, *reported(ns.snapshot, analysed[ns.name], only))
+             for ns in host.reported()]
+    own = next((v for v in views if not v[1]), None)
+    latency, probes = measure_latency(args, own[2], own[3]) if args.probe and own else (
+        None, None)
     prober = probes.failure if probes is not None else None
+    if host.labelled:
+        name = own[0] if own else ""
+        if args.format == "json":
+            sys.stdout.write(render_json_netns(views, host.failures, latency, name, prober))
+        else:
+            sys.stdout.write(render_text_netns(views, host.failures, args.config_dir, latency,
+                                               name, prober))
+        snap, paths = whole(views, [*host.failures, *(
+            f for _n, _p, ns_snap, _paths in views for f in ns_snap.failures)])
+        return int(check_result(snap, paths, latency, prober).code)
+    _name, _path, snap, paths = views[0]
+    if host.failures:  # where a moved device's socket could not be looked for
+        snap = dataclasses.replace(snap, failures=(*snap.failures, *host.failures))
     if args.format == "json":
         sys.stdout.write(render_json(snap, paths, latency, prober))
     else:

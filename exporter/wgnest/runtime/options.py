@@ -17,6 +17,7 @@ from wgnest.analysis.paths import parse_allow
 from wgnest.analysis.selection import Reported
 from wgnest.model.host import IPAddress
 from wgnest.probe.targets import parse_probe_target
+from wgnest.sources.netns import NetnsSpec
 
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
          "y": 31536000.0}
@@ -113,6 +114,31 @@ def _regex(value: str) -> re.Pattern[str]:
     except re.error as exc:
         raise argparse.ArgumentTypeError(f"{_show(value)} is not a regular expression: {exc}"
                                          ) from None
+
+
+def _netns(value: str) -> str:
+    try:
+        NetnsSpec.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def netns_from(args: argparse.Namespace) -> NetnsSpec:
+    """--netns as given (repeatable, comma-separated); ValueError names a bad mix."""
+    return NetnsSpec.parse(args.netns or ["self"])
+
+
+def add_netns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--netns", dest="netns", action="append", type=_netns, default=[],
+                   metavar="self|all|NAME,PATH,...",
+                   help="network namespaces to read: self (default: wgnest's own; no netns "
+                        "label), all (every /run/netns name and the namespace of every "
+                        "process: containers are found), or names under /run/netns and "
+                        "paths (/proc/PID/ns/net), comma-separated or repeated. With other "
+                        "than self every WireGuard series has a netns label. Entering "
+                        "another namespace needs CAP_SYS_ADMIN; seeing other users' "
+                        "processes' namespaces CAP_SYS_PTRACE")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -238,9 +264,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                        default=3, help="echo requests per path before judging latency, 1 to "
                                        "1000 (default 3)")
     add_common(check)
+    add_netns(check)
     add_probe_arguments(check, interval=0.2)
     serve = sub.add_parser("serve", help="run the Prometheus exporter")
     add_common(serve)
+    add_netns(serve)
     add_serve_arguments(serve)
     add_probe_arguments(serve, interval=1.0)
     lint = sub.add_parser("lint", help="predict each wg-quick config as if brought up now")

@@ -11,24 +11,32 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import gzip
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wgnest.analysis.paths import PeerPath, diagnose
+from wgnest.analysis.host import diagnose_host
+from wgnest.analysis.paths import PeerPath
 from wgnest.analysis.selection import EVERYTHING, Reported, reported
 from wgnest.model.failures import SourceFailure
 from wgnest.model.host import Snapshot
+from wgnest.model.netns import HostSnapshot, single
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.periodic import Periodic
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
-from wgnest.surfaces.metrics import Health, exporter_families, wireguard_families
+from wgnest.surfaces.metrics import (
+    Health,
+    exporter_families,
+    netns_families,
+    wireguard_families,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +58,28 @@ def _gc_paused() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class State:
+class NetnsView:
+    """One reported namespace as the surfaces show it."""
+
+    name: str  # "" with --netns self
+    path: str
     snapshot: Snapshot
+    paths: list[PeerPath]
+
+
+@dataclass(frozen=True)
+class State:
+    snapshot: Snapshot  # wgnest's own namespace (what the prober probes)
     paths: list[PeerPath]
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
     body: bytes  # the WireGuard and probe families
     exposition: bytes  # body + the exporter's health families
-    # every device and its path, reported or not: what the next diagnosis can reuse
-    analysed: tuple[Snapshot, list[PeerPath]] | None = None
+    # per namespace, every device and its path, reported or not: what the next diagnosis
+    # can reuse
+    analysed: dict[str, tuple[Snapshot, list[PeerPath]]] | None = None
+    # every reported namespace (one, named "", with --netns self)
+    views: tuple[NetnsView, ...] = ()
+    labelled: bool = False  # --netns other than self
     _gzip: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def gzipped(self) -> bytes:
@@ -72,6 +94,14 @@ def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> b
     return exposition(wireguard_families(snap, paths, names))
 
 
+def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str, str]
+                 ) -> bytes:
+    if not labelled:
+        return render(views[0].snapshot, views[0].paths, names) if views else b""
+    return exposition(netns_families([(v.name, v.path, v.snapshot, v.paths) for v in views],
+                                     names))
+
+
 def _return_free_memory() -> None:
     """Give the memory of the previous snapshot back to the system (glibc keeps it)."""
     trim = getattr(_LIBC, "malloc_trim", None)
@@ -84,13 +114,14 @@ try:
 except OSError:  # not glibc
     _LIBC = None
 
-ProbeRender = Callable[[ProbeSnapshot], bytes]
+# renders the prober's state; the second argument is the netns label (None: unlabelled)
+ProbeRender = Callable[[ProbeSnapshot, str | None], bytes]
 
 
 class Refresher:
     """Calls `take()` every `interval` seconds on its own thread."""
 
-    def __init__(self, take: Callable[[], Snapshot], interval: float,
+    def __init__(self, take: Callable[[], Snapshot | HostSnapshot], interval: float,
                  allow: Collection[tuple[str, str]] = (),
                  names: Callable[[], Mapping[str, str]] = dict,
                  probes: Callable[[], ProbeSnapshot] | None = None,
@@ -123,35 +154,54 @@ class Refresher:
 
     def _build(self) -> State:
         began = time.monotonic()
-        full = self._take()
+        taken = self._take()
+        host = single(taken) if isinstance(taken, Snapshot) else taken
         with self._lock:
             old = self._state
-        analysed = diagnose(full, self._allow, old.analysed if old is not None else None)
-        snap, paths = reported(full, analysed, self._only)
+        analysed = diagnose_host(host, self._allow, old.analysed if old is not None else None)
+        views = []
+        for ns in host.reported():
+            snap, paths = reported(ns.snapshot, analysed[ns.name], self._only)
+            views.append(NetnsView(ns.name, ns.path, snap, paths))
+        own = next((v for v in views if not v.path), None)
         probes = self._probes() if self._probes is not None else None
-        body = render(snap, paths, self._names())
+        body = render_views(views, host.labelled, self._names())
         if probes is not None and self._probe_metrics is not None:
-            body += self._probe_metrics(probes)
-        failures = (*snap.failures, *([probes.failure] if probes and probes.failure else []))
-        durations = dict(snap.durations)
+            body += self._probe_metrics(probes, own.name if own and host.labelled else None)
+        failures = [*host.failures]
+        for v in views:
+            failures += [dataclasses.replace(f, netns=v.name) for f in v.snapshot.failures]
+        if probes and probes.failure:
+            failures.append(probes.failure)
+        durations = dict(own.snapshot.durations) if own is not None else {}
         if probes is not None:
             durations["probe"] = probes.round_seconds
-        log.debug("refresh: %d devices, %d peers, %d failures, %.0f ms", len(snap.devices),
-                  len(paths), len(failures), (time.monotonic() - began) * 1000)
-        if snap.stale_sockets != self._stale:
-            for path in set(snap.stale_sockets) - set(self._stale):
+        stale = tuple(p for v in views for p in v.snapshot.stale_sockets)
+        log.debug("refresh: %d devices, %d peers, %d failures, %.0f ms%s",
+                  sum(len(v.snapshot.devices) for v in views),
+                  sum(len(v.paths) for v in views), len(failures),
+                  (time.monotonic() - began) * 1000,
+                  f", {len(views)} namespaces" if host.labelled else "")
+        if stale != self._stale:
+            for path in set(stale) - set(self._stale):
                 log.warning("%s: a UAPI socket named after a link that is no TUN device: "
                             "left over by a daemon gone, not read", path)
-            self._stale = snap.stale_sockets
-        return State(snap, paths, probes, body, body + self._health(snap, failures, durations),
-                     (full, analysed))
+            self._stale = stale
+        snap = own.snapshot if own is not None else Snapshot(host.taken_at)
+        health = self._health(host.taken_at, tuple(failures), durations, len(stale),
+                              views if host.labelled else ())
+        return State(snap, own.paths if own is not None else [], probes, body, body + health,
+                     {ns.name: (ns.snapshot, analysed[ns.name]) for ns in host.namespaces},
+                     tuple(views), host.labelled)
 
-    def _health(self, snap: Snapshot, failures: tuple[SourceFailure, ...],
-                durations: Mapping[str, float]) -> bytes:
+    def _health(self, taken_at: float, failures: tuple[SourceFailure, ...],
+                durations: Mapping[str, float], stale: int = 0,
+                views: Sequence[NetnsView] = ()) -> bytes:
         self._note(failures)
         health = Health(self._collectors, failures, durations, self._errors_total,
-                        self._interval, len(snap.stale_sockets))
-        return exposition(exporter_families(snap.taken_at, health))
+                        self._interval, stale, tuple(v.name for v in views),
+                        {v.name: v.snapshot.durations for v in views})
+        return exposition(exporter_families(taken_at, health))
 
     def _note(self, failures: tuple[SourceFailure, ...]) -> None:
         """Count every failure; log one line when a failure starts or changes, one when it
@@ -174,10 +224,12 @@ class Refresher:
         with self._lock:
             old = self._state
         snap = old.snapshot if old is not None else Snapshot(0.0)
-        health = self._health(snap, (failure,), {})
+        health = self._health(snap.taken_at, (failure,), {}, 0,
+                              old.views if old is not None and old.labelled else ())
         state = State(snap, old.paths if old else [], old.probes if old else None,
                       old.body if old else b"", (old.body if old else b"") + health,
-                      old.analysed if old else None)
+                      old.analysed if old else None, old.views if old else (),
+                      old.labelled if old else False)
         with self._lock:
             self._state = state
 

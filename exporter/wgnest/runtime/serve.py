@@ -16,17 +16,17 @@ from collections.abc import Callable
 from types import FrameType
 
 from wgnest.analysis.latency import peer_latencies
+from wgnest.host_snapshot import HostReader
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
-from wgnest.runtime.options import reported_from
+from wgnest.runtime.options import netns_from, reported_from
 from wgnest.runtime.probing import Current, make_prober
 from wgnest.runtime.refresher import Refresher
 from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
-from wgnest.snapshot import Reader, take
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
 from wgnest.surfaces import status_page
-from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.exposition import exposition, with_label
 from wgnest.surfaces.probe_metrics import probe_families
 
 log = logging.getLogger("wgnest")
@@ -81,15 +81,21 @@ class _Pages:
         latency = {} if probes is None else peer_latencies(
             probes, [(p.device, p.public_key) for p in state.paths], self.args.anomaly_ratio,
             self.args.anomaly_min_excess)
+        failure = probes.failure if probes is not None else None
+        if state.labelled:
+            own = next((v.name for v in state.views if not v.path), "")
+            return status_page.render_netns(
+                [(v.name, v.path, v.snapshot, v.paths) for v in state.views], (),
+                self.config.names, self.args.telemetry_path, latency, own, failure)
         return status_page.render(state.snapshot, state.paths, self.config.names,
-                                  self.args.telemetry_path, latency,
-                                  probes.failure if probes is not None else None)
+                                  self.args.telemetry_path, latency, failure)
 
 
-def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot], bytes]:
-    def render(probes: ProbeSnapshot) -> bytes:
-        return exposition(probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess,
-                                         args.probe_histograms))
+def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot, str | None], bytes]:
+    def render(probes: ProbeSnapshot, netns: str | None) -> bytes:
+        families = probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess,
+                                  args.probe_histograms)
+        return exposition(families if netns is None else with_label(families, "netns", netns))
 
     return render
 
@@ -142,7 +148,12 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("running as root: only reading wireguard-go's root-only UAPI sockets needs "
                     "it; kernel WireGuard needs just CAP_NET_ADMIN and CAP_NET_RAW "
                     "(see exporter/systemd/wgnest.service)")
-    reader = Reader(uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
+    try:
+        spec = netns_from(args)
+    except ValueError as exc:
+        sys.stderr.write(f"wgnest: {exc}\n")
+        return 2
+    reader = HostReader(spec, uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
     prober: Prober | None = None
     refresher: Refresher
 
@@ -157,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if prober.disabled_reason:
             log.warning("latency probes are off: %s", prober.disabled_reason)
     config = Reloadable(args, names, web_config)
-    refresher = Refresher(lambda: take(reader), args.refresh_interval, set(args.allow),
+    refresher = Refresher(reader.take, args.refresh_interval, set(args.allow),
                           lambda: config.names, prober.snapshot if prober is not None else None,
                           _probe_metrics(args), reported_from(args))
     refresher.refresh_once()

@@ -77,6 +77,15 @@ class NetState:
             out.extend(r for msg in msgs if (r := main_route_from_msg(version, msg)) is not None)
         return out
 
+    def addresses(self) -> list[tuple[int, str]]:
+        """(ifindex, address) of every local address (IFA_LOCAL, else IFA_ADDRESS)."""
+        out = []
+        for msg in self._dump("address", lambda s: s.get_addr()):
+            addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if addr:
+                out.append((int(msg["index"]), str(addr)))
+        return out
+
 
 def _get_rules(ipr: Any, family: int) -> Any:
     return ipr.get_rules(family=family)

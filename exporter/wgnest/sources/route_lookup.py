@@ -23,7 +23,8 @@ RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 0x1
 RTM_F_LOOKUP_TABLE = 0x1000
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE, RTA_MARK = 1, 4, 5, 7, 15, 16
+RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC = 1, 2, 3, 4, 5, 7
+RTA_TABLE, RTA_MARK = 15, 16
 RTA_UID, RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 25, 27, 28, 29
 NLMSGHDR = struct.Struct("=IHHII")
 RTMSG = struct.Struct("=BBBBBBBBI")
@@ -40,8 +41,13 @@ def _attr(kind: int, payload: bytes) -> bytes:
 def encode_request(flow: Flow, seq: int) -> bytes:
     family = socket.AF_INET if flow.dst.version == 4 else socket.AF_INET6
     flags = RTM_F_LOOKUP_TABLE if flow.dst.version == 4 else 0
-    body = RTMSG.pack(family, flow.dst.max_prefixlen, 0, 0, 0, 0, 0, 0, flags)
+    src_len = flow.src.max_prefixlen if flow.src is not None else 0
+    body = RTMSG.pack(family, flow.dst.max_prefixlen, src_len, 0, 0, 0, 0, 0, flags)
     body += _attr(RTA_DST, flow.dst.packed)
+    if flow.src is not None:
+        body += _attr(RTA_SRC, flow.src.packed)
+    if flow.iif:
+        body += _attr(RTA_IIF, struct.pack("=I", flow.iif))
     body += _attr(RTA_MARK, struct.pack("=I", flow.mark))
     body += _attr(RTA_UID, struct.pack("=I", 0))
     body += _attr(RTA_IP_PROTO, bytes([socket.IPPROTO_UDP]))

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from wgnest.model.host import Device, Endpoint, IPNetwork, Link
 from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.netns import resolve_in_root
 from wgnest.sources.peer_builder import PeerBuilder
 
 SOCK_DIR = Path("/var/run/wireguard")
@@ -257,17 +258,32 @@ def _netns(who: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_IN_ROOT = re.compile(r"/proc/[0-9]+/root(?=/)")
+
+
+def _bound_as(path: Path) -> Callable[[str], str]:
+    """How a path a socket was bound at compares with `path`: resolved by us, or, for a
+    directory reached through /proc/PID/root (a container's), resolved inside that root."""
+    root = _IN_ROOT.match(str(path))
+    if root is None:
+        return os.path.realpath
+    base = Path(root.group(0))
+    return lambda bound: str(resolve_in_root(base, Path(bound))) if bound.startswith("/") \
+        else bound
+
+
 def _listening_here(path: Path) -> bool | None:
     """Whether our netns' table of unix sockets has a listener bound at `path`."""
     try:
         lines = Path("/proc/thread-self/net/unix").read_text().splitlines()[1:]
     except OSError:
         return None
-    want = os.path.realpath(path)
+    resolve = _bound_as(path)
+    want = os.path.realpath(path) if resolve is os.path.realpath else str(path)
     for line in lines:
         fields = line.split(maxsplit=7)  # Num RefCount Protocol Flags Type St Inode Path
         if (len(fields) == 8 and int(fields[3], 16) & 0x10000 and fields[7].endswith(path.name)
-                and os.path.realpath(fields[7]) == want):
+                and resolve(fields[7]) == want):
             return True
     return False
 
@@ -278,12 +294,12 @@ def _same_netns(sock: socket.socket, path: Path) -> bool | None:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid = struct.unpack("3i", creds)[0]
     mine, theirs = _netns("thread-self"), _netns(str(pid)) if pid > 0 else None
-    if mine and theirs and mine != theirs:
-        return False
+    if mine and theirs:
+        return mine == theirs
     listed = _listening_here(path)
     if listed is not None:
         return listed
-    return None if mine is None or theirs is None else True
+    return None
 
 
 def socket_in_my_netns(path: Path, timeout: float) -> bool | None:

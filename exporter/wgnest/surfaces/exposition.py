@@ -155,3 +155,35 @@ def exposition(metrics: Iterable[Metric | Family]) -> bytes:
 def as_metrics(families: Sequence[Metric | Family]) -> list[Metric]:
     """The prometheus_client form of every family (for comparisons with generate_latest)."""
     return [f.as_metric() if isinstance(f, Family) else f for f in families]
+
+
+def with_label(families: Iterable[Metric | Family], label: str, value: str
+               ) -> list[Metric | Family]:
+    """The families with one more label, first, of the same value on every sample (a
+    namespace's families before they are merged with the others')."""
+    out: list[Metric | Family] = []
+    for fam in families:
+        if isinstance(fam, Family):
+            out.append(Family(fam.name, fam.kind, fam.help, (label, *fam.labels),
+                              [((value, *v), x) for v, x in fam.samples]))
+            continue
+        copy = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+        copy.samples = [s._replace(labels={label: value, **s.labels}) for s in fam.samples]
+        out.append(copy)
+    return out
+
+
+def merged(groups: Iterable[Iterable[Metric | Family]]) -> list[Metric | Family]:
+    """Families of the same name from several groups as one family each (the text format
+    wants each family's samples together), in the order names first appear."""
+    out: dict[str, Metric | Family] = {}
+    for group in groups:
+        for fam in group:
+            have = out.get(fam.name)
+            if have is None:
+                out[fam.name] = fam
+                continue
+            if isinstance(have, Family) != isinstance(fam, Family):
+                raise TypeError(f"family {fam.name} built in two forms")
+            have.samples.extend(fam.samples)  # type: ignore[arg-type]
+    return list(out.values())

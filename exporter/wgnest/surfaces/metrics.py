@@ -6,7 +6,7 @@ Names follow mdlayher/wireguard_exporter where they overlap, so existing dashboa
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -15,7 +15,7 @@ from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
 from wgnest.model.host import IPNetwork, Peer, Snapshot
-from wgnest.surfaces.exposition import Family, counter, gauge
+from wgnest.surfaces.exposition import Family, counter, gauge, merged, with_label
 
 DP = ("device", "public_key")
 
@@ -100,14 +100,16 @@ def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
     yield from (info, allowed, rx, tx, last, age)
 
 
-def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
+def path_families(paths: Sequence[PeerPath], outer_netns: bool = False) -> Iterator[Family]:
+    """`outer_netns`: the nesting says in which namespace the outer tunnel is (--netns)."""
     route = gauge("wireguard_peer_endpoint_route_info",
                    "Route the kernel picks for the peer's transport packets (value 1).",
                    *DP, "endpoint", "egress_device", "table", "gateway")
     nested = gauge(
         "wireguard_peer_nested",
-        "1 if the peer's transport packets are routed into another tunnel (outer_device).",
-        *DP, "outer_device")
+        "1 if the peer's transport packets are routed into another tunnel (outer_device"
+        + (", in namespace outer_netns" if outer_netns else "") + ").",
+        *DP, "outer_device", *(("outer_netns",) if outer_netns else ()))
     # Only for the peers they concern (a few on a gateway): 12 series a peer at the most.
     loop = gauge("wireguard_peer_routing_loop",
                   "1 if the peer's transport packets are routed back into the tunnel itself "
@@ -127,7 +129,9 @@ def path_families(paths: Sequence[PeerPath]) -> Iterator[Family]:
         if p.endpoint and p.egress:
             route.add((*labels, p.endpoint, p.egress, p.table, p.gateway), 1)
         is_nested = p.verdict == PathVerdict.NESTED
-        nested.add((*labels, p.outer if is_nested else ""), int(is_nested))
+        outer = p.outer if is_nested else ""
+        nested.add((*labels, outer, p.outer_netns if is_nested else "") if outer_netns
+                   else (*labels, outer), int(is_nested))
         if p.verdict == PathVerdict.LOOP:
             loop.add(labels, 1)
         if p.allowed:
@@ -151,19 +155,41 @@ class Health:
     errors_total: Mapping[str, int]  # reason -> failures since start
     refresh_interval: float
     stale_sockets: int = 0
+    # --netns other than self: the namespaces read, and each one's collector durations
+    namespaces: tuple[str, ...] = ()
+    netns_durations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+def _collector_families(health: Health) -> tuple[Metric, Metric]:
+    labels = ["collector", "netns"] if health.namespaces else ["collector"]
+    success = GaugeMetricFamily("wgnest_collector_success",
+                                "1 if the collector worked in the last refresh.", labels=labels)
+    duration = GaugeMetricFamily("wgnest_collector_duration_seconds",
+                                 "Time the collector took in the last refresh.", labels=labels)
+    if not health.namespaces:
+        failed = failed_collectors(health.failures)
+        for c in health.collectors:
+            success.add_metric([c], 0 if c in failed else 1)
+            duration.add_metric([c], health.durations.get(c, 0.0))
+        return success, duration
+    host = [c for c in health.collectors if c in ("probe", "refresh")]
+    per_ns = [c for c in health.collectors if c not in host]
+    failed_in = {(f.collector, f.netns) for f in health.failures}
+    # a namespace that could not be read at all has only its netns failure to show
+    names = list(dict.fromkeys([*health.namespaces, *(f.netns for f in health.failures
+                                                      if f.collector == "netns")]))
+    for ns in names:
+        for c in ("netns", *per_ns) if ns in health.namespaces else ("netns",):
+            success.add_metric([c, ns], 0 if (c, ns) in failed_in else 1)
+            duration.add_metric([c, ns], health.netns_durations.get(ns, {}).get(c, 0.0))
+    for c in host:
+        success.add_metric([c, ""], 0 if (c, "") in failed_in else 1)
+        duration.add_metric([c, ""], health.durations.get(c, 0.0))
+    return success, duration
 
 
 def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
-    success = GaugeMetricFamily("wgnest_collector_success",
-                                "1 if the collector worked in the last refresh.",
-                                labels=["collector"])
-    duration = GaugeMetricFamily("wgnest_collector_duration_seconds",
-                                 "Time the collector took in the last refresh.",
-                                 labels=["collector"])
-    failed = failed_collectors(health.failures)
-    for c in health.collectors:
-        success.add_metric([c], 0 if c in failed else 1)
-        duration.add_metric([c], health.durations.get(c, 0.0))
+    success, duration = _collector_families(health)
     stamp = GaugeMetricFamily("wgnest_snapshot_timestamp_seconds",
                               "Unix time of the snapshot these metrics describe; it stops "
                               "advancing while refreshes fail.")
@@ -186,7 +212,22 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
     yield from (success, duration, stamp, interval, stale, build, errors)
 
 
-def wireguard_families(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str]
-                       ) -> list[Family]:
+def wireguard_families(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
+                       outer_netns: bool = False) -> list[Family]:
     """The WireGuard families of one diagnosed snapshot; rendered once per refresh."""
-    return [*device_families(snap), *peer_families(snap, names), *path_families(paths)]
+    return [*device_families(snap), *peer_families(snap, names),
+            *path_families(paths, outer_netns)]
+
+
+def netns_families(views: Sequence[tuple[str, str, Snapshot, Sequence[PeerPath]]],
+                   names: Mapping[str, str]) -> list[Metric | Family]:
+    """--netns other than self: every namespace's WireGuard families with its `netns`
+    label, merged, and one wgnest_netns_info per namespace read. `views` hold (name,
+    path, snapshot, paths)."""
+    info = gauge("wgnest_netns_info", "A network namespace read (--netns), with the path "
+                 "it is entered by (\"\" for wgnest's own).", "netns", "path")
+    for name, path, _snap, _paths in views:
+        info.add((name, path), 1)
+    return merged([*(with_label(wireguard_families(snap, paths, names, outer_netns=True),
+                                "netns", name) for name, _path, snap, paths in views),
+                   [info]])

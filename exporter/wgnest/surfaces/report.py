@@ -38,11 +38,14 @@ def peer_line(p: PeerPath) -> str:
     if extras:
         route += f" ({', '.join(extras)})"
     head = f"  peer {_short(p.public_key)}  endpoint {p.endpoint}  {route}  "
+    if p.transport_netns:
+        head += f"(routed in netns {p.transport_netns})  "
     if p.verdict == PathVerdict.DIRECT:
         return head + "direct"
     if p.verdict == PathVerdict.NESTED:
         state = "nested (allowed)" if p.allowed else "NESTED"
-        return head + f"{state} in {p.outer} [{' -> '.join(p.chain)}]"
+        where = f" of netns {p.outer_netns}" if p.outer_netns else ""
+        return head + f"{state} in {p.outer}{where} [{' -> '.join(p.chain)}]"
     if p.verdict == PathVerdict.LOOP:
         return head + f"ROUTING LOOP [{' -> '.join(p.chain)}]"
     return head + f"{p.verdict.upper()}: {p.error}"
@@ -108,10 +111,9 @@ def _latency_line(lat: PeerLatency | None) -> list[str]:
     return [f"    latency: {parts}{tail}"]
 
 
-def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
-                latency: Latency | None = None, prober: SourceFailure | None = None) -> str:
-    v = check_result(snap, paths, latency, prober)
-    out = [f"WGNEST {v.code.name} - {v.summary}"]
+def _device_lines(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
+                  latency: Latency | None) -> list[str]:
+    out = []
     for dev in snap.devices:
         mark = f"{dev.fwmark:#x}" if dev.fwmark else "off"
         out.append(f"{dev.name}  {dev.implementation}  fwmark {mark}  listen {dev.listen_port}"
@@ -121,19 +123,43 @@ def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
                 out.append(peer_line(p))
                 out.extend(_latency_line((latency or {}).get((p.device, p.public_key))))
                 out.extend(_fix_lines(p, config_dir))
+    return out
+
+
+def render_text(snap: Snapshot, paths: Sequence[PeerPath], config_dir: Path,
+                latency: Latency | None = None, prober: SourceFailure | None = None) -> str:
+    v = check_result(snap, paths, latency, prober)
+    out = [f"WGNEST {v.code.name} - {v.summary}"]
+    out += _device_lines(snap, paths, config_dir, latency)
     out.extend(f"source {f}" for f in (*snap.failures, *([prober] if prober else [])))
     return "\n".join(out) + "\n"
+
+
+def failure_json(f: SourceFailure) -> dict[str, str]:
+    doc = dataclasses.asdict(f)
+    if not f.netns:
+        del doc["netns"]
+    return doc
 
 
 def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None,
                 prober: SourceFailure | None = None) -> str:
     v = check_result(snap, paths, latency, prober)
-    peers = peer_index(snap)
     doc: dict[str, Any] = {
         "status": v.code.name.lower(),
         "exit_code": int(v.code),
         "summary": v.summary,
         "taken_at": snap.taken_at,
+        **_namespace_json(snap, paths, latency),
+        "errors": [failure_json(f) for f in (*snap.failures, *([prober] if prober else []))],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _namespace_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None
+                    ) -> dict[str, Any]:
+    peers = peer_index(snap)
+    return {
         "devices": [{
             "name": d.name, "ifindex": d.ifindex, "implementation": d.implementation,
             "public_key": d.public_key, "listen_port": d.listen_port, "fwmark": d.fwmark,
@@ -141,7 +167,64 @@ def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | No
         } for d in snap.devices],
         "peers": [_path_json(p, peers.get((p.device, p.public_key)),
                              (latency or {}).get((p.device, p.public_key))) for p in paths],
-        "errors": [dataclasses.asdict(f) for f in (*snap.failures, *([prober] if prober else []))],
+    }
+
+
+# --netns other than self: (namespace name, path it is entered by, snapshot, paths)
+NetnsReport = tuple[str, str, Snapshot, Sequence[PeerPath]]
+
+
+def whole(views: Sequence[NetnsReport], failures: Sequence[SourceFailure]
+          ) -> tuple[Snapshot, list[PeerPath]]:
+    """Every namespace's devices, paths and failures as one, for the one verdict."""
+    devices = tuple(d for _n, _p, snap, _paths in views for d in snap.devices)
+    taken = max((snap.taken_at for _n, _p, snap, _paths in views), default=0.0)
+    return (Snapshot(taken, devices, failures=tuple(failures)),
+            [p for _n, _p, _snap, paths in views for p in paths])
+
+
+def _ns_failures(views: Sequence[NetnsReport], host: Sequence[SourceFailure]
+                 ) -> list[SourceFailure]:
+    return [*host, *(dataclasses.replace(f, netns=name) for name, _p, snap, _paths in views
+                     for f in snap.failures)]
+
+
+def render_text_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFailure],
+                      config_dir: Path, latency: Latency | None = None, own: str = "",
+                      prober: SourceFailure | None = None) -> str:
+    """One block per namespace; `latency` (of the peers of namespace `own`, the one the
+    prober runs in) is shown there."""
+    snap, paths = whole(views, _ns_failures(views, failures))
+    v = check_result(snap, paths, latency, prober)
+    out = [f"WGNEST {v.code.name} - {v.summary} ({len(views)} network namespaces)"]
+    for name, path, ns_snap, ns_paths in views:
+        out.append(f"netns {name}" + (f"  ({path})" if path else "  (wgnest's own)"))
+        out += ["  " + line for line in _device_lines(
+            ns_snap, ns_paths, config_dir, latency if name == own else None)]
+        out.extend(f"  source {f}" for f in ns_snap.failures)
+    out.extend(f"source {f}" for f in (*failures, *([prober] if prober else [])))
+    return "\n".join(out) + "\n"
+
+
+def render_json_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFailure],
+                      latency: Latency | None = None, own: str = "",
+                      prober: SourceFailure | None = None) -> str:
+    snap, paths = whole(views, _ns_failures(views, failures))
+    v = check_result(snap, paths, latency, prober)
+    namespaces = []
+    for name, path, ns_snap, ns_paths in views:
+        body = _namespace_json(ns_snap, ns_paths, latency if name == own else None)
+        for peer in body["peers"]:
+            peer["netns"] = name
+        namespaces.append({"netns": name, "path": path, **body,
+                           "errors": [failure_json(f) for f in ns_snap.failures]})
+    doc: dict[str, Any] = {
+        "status": v.code.name.lower(),
+        "exit_code": int(v.code),
+        "summary": v.summary,
+        "taken_at": snap.taken_at,
+        "namespaces": namespaces,
+        "errors": [failure_json(f) for f in (*failures, *([prober] if prober else []))],
     }
     return json.dumps(doc, indent=2) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from wgnest.analysis.nagios import check_result
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import SourceFailure
 from wgnest.model.host import Snapshot
-from wgnest.surfaces.report import PROOF_TEXT, latency_parts
+from wgnest.surfaces.report import PROOF_TEXT, latency_parts, whole
 
 FOLD_ABOVE = 20  # healthy peers of a device shown unfolded up to this many
 
@@ -115,16 +116,83 @@ def _problem(p: PeerPath, lat: PeerLatency | None) -> bool:
     return not quiet or (lat is not None and lat.anomaly)
 
 
+def _devices(snap: Snapshot, by_device: Mapping[str, list[PeerPath]], names: Mapping[str, str],
+             lats: Mapping[tuple[str, str], PeerLatency], netns: str = "") -> list[str]:
+    out = []
+    anchor = f"{netns}/" if netns else ""
+    for d in snap.devices:
+        mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
+        mine = by_device.get(d.name, [])
+        healthy = [p for p in mine if not _problem(p, lats.get((p.device, p.public_key)))]
+        counts = ", ".join(f"{n} {verdict.replace('_', ' ')}" for verdict, n in sorted(
+            Counter(p.verdict for p in mine).items()))
+        level = "h3" if netns else "h2"
+        out.append(f'<{level} id="dev-{escape(anchor + d.name)}">{escape(d.name)}</{level}>'
+                   f"<p><small>{escape(d.implementation)} &middot; fwmark {mark} &middot; "
+                   f"listen port {d.listen_port} &middot; MTU {d.mtu} &middot; {len(mine)} "
+                   f"peers{': ' + counts if counts else ''}</small></p>")
+        if healthy:
+            fold = " open" if len(healthy) <= FOLD_ABOVE else ""
+            out.append(f"<details{fold}><summary>{len(healthy)} healthy peers</summary>"
+                       f"<table>{_HEADER}")
+            out.extend(_row(p, names, lats.get((p.device, p.public_key))) for p in healthy)
+            out.append("</table></details>")
+    return out
+
+
+def render_netns(views: Sequence[tuple[str, str, Snapshot, Sequence[PeerPath]]],
+                 failures: Sequence[SourceFailure], names: Mapping[str, str],
+                 telemetry_path: str = "/metrics",
+                 latency: Mapping[tuple[str, str], PeerLatency] | None = None, own: str = "",
+                 prober: SourceFailure | None = None) -> str:
+    """--netns other than self: the problems of every namespace first (device shown as
+    NETNS/DEVICE), then each namespace with its devices. `latency` is namespace `own`'s."""
+    everything = [*failures, *(dataclasses.replace(f, netns=n) for n, _p, snap, _paths in views
+                              for f in snap.failures)]
+    snap, paths = whole(views, everything)
+    lats = latency or {}
+    v = check_result(snap, paths, latency, prober)
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.taken_at))
+    out = [_head(telemetry_path),
+           f'<div class="banner b{int(v.code)}">{v.code.name}: {escape(v.summary)}</div>',
+           f"<small>snapshot {taken} &middot; {len(views)} network namespaces</small>", _FILTER]
+    problems = [(n, p) for n, _path, _snap, ns_paths in views for p in ns_paths
+                if _problem(p, lats.get((p.device, p.public_key)) if n == own else None)]
+    if problems:
+        out.append(f"<h2>Problems ({len(problems)})</h2><table>{_HEADER}")
+        out.extend(_row(dataclasses.replace(p, device=f"{n}/{p.device}"), names,
+                        lats.get((p.device, p.public_key)) if n == own else None, device=True)
+                   for n, p in problems)
+        out.append("</table>")
+    for name, path, ns_snap, ns_paths in views:
+        by_device: dict[str, list[PeerPath]] = {}
+        for p in ns_paths:
+            by_device.setdefault(p.device, []).append(p)
+        where = escape(path) if path else "wgnest's own"
+        out.append(f'<h2 id="netns-{escape(name)}">netns {escape(name)}</h2>'
+                   f"<p><small>{where} &middot; {len(ns_snap.devices)} devices</small></p>")
+        out += _devices(ns_snap, by_device, names, lats if name == own else {}, name)
+        if not ns_snap.devices:
+            out.append("<p>No WireGuard devices in this network namespace.</p>")
+    for failure in (*everything, *([prober] if prober else [])):
+        out.append(f'<p class="warn">source {escape(str(failure))}</p>')
+    return "\n".join(out) + "</body></html>"
+
+
+def _head(telemetry_path: str) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
+            f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
+            f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
+            f'<a href="{escape(telemetry_path)}">metrics</a></small>')
+
+
 def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str, str],
            telemetry_path: str = "/metrics",
            latency: Mapping[tuple[str, str], PeerLatency] | None = None,
            prober: SourceFailure | None = None) -> str:
     """Problems first (nested, loops, anomalies, unroutable, unknown), then each device with
     its healthy peers folded and counted: a 10,000-peer gateway stays readable."""
-    head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>wgnest</title>"
-            f"<style>{STYLE}</style></head><body><h1>wgnest</h1><small>where each WireGuard "
-            f"tunnel's packets really go &middot; v{escape(__version__)} &middot; "
-            f'<a href="{escape(telemetry_path)}">metrics</a></small>')
+    head = _head(telemetry_path)
     if snap is None:
         return head + "<p>First snapshot not taken yet.</p></body></html>"
     lats = latency or {}
@@ -141,22 +209,7 @@ def render(snap: Snapshot | None, paths: Sequence[PeerPath], names: Mapping[str,
         out.extend(_row(p, names, lats.get((p.device, p.public_key)), device=True)
                    for p in problems)
         out.append("</table>")
-    for d in snap.devices:
-        mark = f"{d.fwmark} ({d.fwmark:#x})" if d.fwmark else "none"
-        mine = by_device.get(d.name, [])
-        healthy = [p for p in mine if not _problem(p, lats.get((p.device, p.public_key)))]
-        counts = ", ".join(f"{n} {verdict.replace('_', ' ')}" for verdict, n in sorted(
-            Counter(p.verdict for p in mine).items()))
-        out.append(f'<h2 id="dev-{escape(d.name)}">{escape(d.name)}</h2><p><small>'
-                   f"{escape(d.implementation)} &middot; fwmark {mark} &middot; listen port "
-                   f"{d.listen_port} &middot; MTU {d.mtu} &middot; {len(mine)} peers"
-                   f"{': ' + counts if counts else ''}</small></p>")
-        if healthy:
-            fold = " open" if len(healthy) <= FOLD_ABOVE else ""
-            out.append(f"<details{fold}><summary>{len(healthy)} healthy peers</summary>"
-                       f"<table>{_HEADER}")
-            out.extend(_row(p, names, lats.get((p.device, p.public_key))) for p in healthy)
-            out.append("</table></details>")
+    out += _devices(snap, by_device, names, lats)
     if not snap.devices:
         out.append("<p>No WireGuard devices in this network namespace.</p>")
     for failure in (*snap.failures, *([prober] if prober else [])):

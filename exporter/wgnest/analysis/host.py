@@ -1,0 +1,111 @@
+"""The paths of every namespace of a HostSnapshot: each namespace diagnosed by its own
+routing, then the two ways a transport is routed by another namespace's:
+
+- a moved kernel device's transport, by the namespace holding its socket (a guest there);
+- a transport forwarded into another namespace read, by that namespace's input lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
+
+from wgnest.analysis.fixes import Fix, FixKind, capture_of, route_or_rule_fix
+from wgnest.analysis.forwarding import Hop, address_index, hops
+from wgnest.analysis.paths import PathVerdict, PeerPath, diagnose, peer_path
+from wgnest.analysis.view import HostView
+from wgnest.model.host import Snapshot
+from wgnest.model.netns import HostSnapshot, NetnsSnapshot
+
+Paths = dict[str, list[PeerPath]]  # namespace name -> its peers' paths
+Previous = Mapping[str, tuple[Snapshot, Sequence[PeerPath]]]
+
+
+def in_netns(fix: Fix, enter: str) -> Fix:
+    """The fix's commands as run in another namespace (`ip netns exec NAME ...`)."""
+    if not enter:
+        return fix
+    commands = tuple(f"{enter} {c}" for c in fix.commands)
+    lines = tuple(_hook_in(line, enter) for line in fix.config_lines)
+    return dataclasses.replace(fix, commands=commands, config_lines=lines)
+
+
+def _hook_in(line: str, enter: str) -> str:
+    for hook in ("PostUp = ", "PostDown = ", "PreUp = ", "PreDown = "):
+        if line.startswith(hook):
+            return hook + enter + " " + line[len(hook):]
+    return line
+
+
+def _guest_paths(host: HostSnapshot, views: Mapping[str, HostView],
+                 allow: Collection[tuple[str, str]]) -> dict[tuple[str, str], PeerPath]:
+    """(home namespace, device) keyed paths of every moved device, by its socket's namespace."""
+    by_name = host.by_name()
+    out: dict[tuple[str, str], PeerPath] = {}
+    for ns in host.namespaces:
+        for guest in ns.guests:
+            home = by_name.get(guest.netns)
+            for peer in guest.device.peers:
+                path = peer_path(views[ns.name], guest.device, peer, allow,
+                                 transport_netns=ns.name)
+                if path.fix is not None:
+                    enter = ns.enter if path.fix.kind != FixKind.FWMARK else (
+                        home.enter if home is not None else "")
+                    path = dataclasses.replace(path, fix=in_netns(path.fix, enter))
+                out[guest.netns, f"{guest.device.name}\0{peer.public_key}"] = path
+    return out
+
+
+def _forwarded(path: PeerPath, chain: list[Hop], views: Mapping[str, HostView],
+               by_name: Mapping[str, NetnsSnapshot]) -> PeerPath:
+    """A direct path whose transport is forwarded into a tunnel of another namespace."""
+    last = chain[-1]
+    view = views[last.netns]
+    ans = last.answer
+    if ans is None or not ans.ok or not view.is_tunnel(ans.oif):
+        return path
+    outer = view.name(ans.oif)
+    crossed = (*(f"{h.netns}/{h.link}" for h in chain), f"{last.netns}/{outer}")
+    capture = capture_of(view, last.flow, ans)
+    fix = route_or_rule_fix(view, last.flow, ans, capture,
+                            f"the transport is forwarded into {last.netns}, where no mark "
+                            "set for it applies")
+    return dataclasses.replace(
+        path, verdict=PathVerdict.NESTED, outer=outer, outer_netns=last.netns,
+        chain=(*path.chain, *crossed), captured_by=str(capture) if capture is not None else "",
+        fix=in_netns(fix, by_name[last.netns].enter))
+
+
+def diagnose_host(host: HostSnapshot, allow: Collection[tuple[str, str]] = (),
+                  previous: Previous | None = None) -> Paths:
+    """One list of paths per namespace (the unreported ones too: they are the routing homes
+    of moved devices). `previous`: each namespace's snapshot and paths of the last refresh."""
+    by_name = host.by_name()
+    views = {n: HostView(ns.snapshot) for n, ns in by_name.items()}
+    out: Paths = {n: diagnose(ns.snapshot, allow, (previous or {}).get(n))
+                  for n, ns in by_name.items()}
+    guests = _guest_paths(host, views, allow)
+    lost = {(m.netns, m.device): m.error for m in host.moved if not m.birth}
+    if guests or lost:
+        for name, paths in out.items():
+            for i, p in enumerate(paths):
+                found = guests.get((name, f"{p.device}\0{p.public_key}"))
+                if found is not None:
+                    paths[i] = found
+                elif (name, p.device) in lost and p.verdict == PathVerdict.UNKNOWN:
+                    paths[i] = dataclasses.replace(p, error=lost[name, p.device])
+    index = address_index(by_name)
+    if not index:
+        return out
+    for name, paths in out.items():
+        for i, p in enumerate(paths):
+            if p.verdict != PathVerdict.DIRECT or p.flow is None:
+                continue
+            start = p.transport_netns or name
+            ans = by_name[start].snapshot.lookups.get(p.flow)
+            if ans is None:
+                continue
+            chain = hops(by_name, index, start, p.flow, ans)
+            if chain:
+                paths[i] = _forwarded(p, chain, views, by_name)
+    return out

@@ -1,0 +1,305 @@
+"""Build one HostSnapshot: a Snapshot of each selected network namespace, read by a worker
+thread inside it, then the cross-namespace facts the analysis needs.
+
+- A kernel device moved into another namespace keeps its UDP socket where it was made
+  (https://www.wireguard.com/netns/). Its birth namespace is the one with a UDP socket on
+  the device's port and no device of its own there; the route lookups of its flows are
+  asked in that namespace. This search runs with `--netns self` too, whenever a device
+  here has no socket here.
+- A transport whose next hop is a local address of another namespace read (a container
+  whose default route is the host's bridge) is forwarded there: its input route lookup is
+  asked in that namespace, which may route it into a tunnel of its own.
+
+A namespace whose read is not done by the deadline keeps its previous read and is reported
+as failed: a refresh never waits on one slow namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_all
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from wgnest.analysis.fixes import fix_flows
+from wgnest.analysis.flows import transport_flows
+from wgnest.analysis.forwarding import forwarded_flows
+from wgnest.analysis.view import HostView
+from wgnest.model.failures import SourceFailure
+from wgnest.model.host import Device, Flow, RouteAnswer
+from wgnest.model.netns import Guest, HostSnapshot, Moved, NetnsSnapshot, single
+from wgnest.snapshot import Reader, take
+from wgnest.sources.errors import SourceError
+from wgnest.sources.netns import Key, Namespace, NetnsSpec, Worker, discover
+from wgnest.sources.udp_sockets import udp_listen_ports
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FORWARD_HOPS = 3  # namespaces a transport is followed through
+
+
+@dataclass
+class _Slot:
+    ns: Namespace
+    worker: Worker
+    reader: Reader
+    pending: Future[NetnsSnapshot] | None = None
+    last: NetnsSnapshot | None = None
+
+
+def _failure(ns: str, exc: BaseException) -> SourceFailure:
+    if isinstance(exc, SourceError):
+        return SourceFailure("netns", exc.reason, f"netns {ns}: {' '.join(str(exc).split())}")
+    return SourceFailure("netns", "other", f"netns {ns}: {type(exc).__name__}: {exc}")
+
+
+class HostReader:
+    """The host's namespaces, each with its reader kept open between refreshes."""
+
+    def __init__(self, spec: NetnsSpec, uapi_dir: Path = Path("/var/run/wireguard"),
+                 uapi_timeout: float = 1.0, deadline: float | None = None) -> None:
+        self.spec = spec
+        self._uapi_dir, self._uapi_timeout = uapi_dir, uapi_timeout
+        # per-namespace reads run in parallel: the whole refresh waits at most this long
+        self._deadline = deadline if deadline is not None else 2 * uapi_timeout + 3.0
+        self.own = Reader(uapi_dir=uapi_dir, uapi_timeout=uapi_timeout)
+        self._slots: dict[Key, _Slot] = {}
+
+    def close(self) -> None:
+        self.own.close()
+        for key in list(self._slots):
+            self._drop(key)
+
+    # -- namespaces and their workers
+
+    def _drop(self, key: Key) -> None:
+        slot = self._slots.pop(key)
+        reader = slot.reader
+        slot.worker.submit(reader.close)
+        slot.worker.close()
+
+    def _slot(self, ns: Namespace) -> _Slot:
+        slot = self._slots.get(ns.key)
+        if slot is not None and slot.ns != ns:
+            self._drop(ns.key)  # renamed, or its UAPI directories changed
+            slot = None
+        if slot is None:
+            dirs = ns.uapi_dirs or (self._uapi_dir,)
+            reader = Reader(uapi_dir=dirs[0], uapi_timeout=self._uapi_timeout,
+                            more_uapi_dirs=dirs[1:])
+            slot = self._slots[ns.key] = _Slot(ns, Worker(ns), reader)
+        return slot
+
+    def _keep(self, keys: Iterable[Key]) -> None:
+        """Drop the workers of namespaces gone or no longer wanted (this also lets the kernel
+        free a deleted namespace: the worker thread was holding it)."""
+        wanted = set(keys)
+        for key in [k for k in self._slots if k not in wanted]:
+            self._drop(key)
+
+    def _read(self, slot: _Slot, labelled: bool) -> NetnsSnapshot:
+        """On the namespace's worker: its snapshot, and its addresses if labelled."""
+        ns, reader = slot.ns, slot.reader
+        snap = take(reader)
+        addresses: tuple[tuple[int, str], ...] = ()
+        if labelled:
+            try:
+                addresses = tuple(reader.netstate.addresses())
+            except SourceError as exc:
+                snap = dataclasses.replace(snap, failures=(*snap.failures,
+                                                           exc.failure("links")))
+        return NetnsSnapshot(ns.name, snap, ns.path, True, ns.enter, (), addresses)
+
+    def _gather(self, jobs: dict[Key, Future[T]], ends: float) -> dict[Key, T | BaseException]:
+        wait_all(list(jobs.values()), timeout=max(0.0, ends - time.monotonic()))
+        out: dict[Key, T | BaseException] = {}
+        for key, fut in jobs.items():
+            if not fut.done():
+                out[key] = SourceError(f"no complete read within {self._deadline:g}s", "timeout")
+                continue
+            exc = fut.exception()
+            out[key] = exc if exc is not None else fut.result()
+        return out
+
+    # -- the snapshot
+
+    def take(self) -> HostSnapshot:
+        began = time.monotonic()
+        host = self._take_self(began) if self.spec.mode == "self" else self._take_many(began)
+        host.durations["netns"] = time.monotonic() - began
+        return host
+
+    def _take_self(self, began: float) -> HostSnapshot:
+        snap = take(self.own)
+        view = HostView(snap)
+        moved = [d for d in snap.devices if view.socket_elsewhere(d)]
+        if not moved:
+            self._keep(())
+            return single(snap)
+        here = NetnsSnapshot("", snap)
+        namespaces, moves, failures = self._births({"": here}, {"": moved}, began, labelled=False)
+        return HostSnapshot(snap.taken_at, tuple(namespaces.values()), False, tuple(moves),
+                            tuple(failures))
+
+    def _take_many(self, began: float) -> HostSnapshot:
+        found, errors = discover(self.spec, self._uapi_dir)
+        failures = [exc.failure("netns") for exc in errors]
+        slots = {ns.key: self._slot(ns) for ns in found}
+        self._keep(slots)
+        jobs: dict[Key, Future[NetnsSnapshot]] = {}
+        for key, slot in slots.items():
+            if slot.pending is None:
+                slot.pending = slot.worker.submit(functools.partial(self._read, slot, True))
+            jobs[key] = slot.pending
+        got = self._gather(jobs, began + self._deadline)
+        namespaces: dict[str, NetnsSnapshot] = {}
+        for key, result in got.items():
+            slot = slots[key]
+            if isinstance(result, BaseException):
+                if not isinstance(result, SourceError) or result.reason != "timeout":
+                    slot.pending = None  # done (failed): asked again next refresh
+                failures.append(_failure(slot.ns.name, result))
+                if slot.last is not None and slot.pending is not None:
+                    namespaces[slot.ns.name] = slot.last  # still reading: the previous read
+                continue
+            slot.pending, slot.last = None, result
+            namespaces[slot.ns.name] = result
+        moved = {name: [d for d in ns.snapshot.devices if HostView(ns.snapshot).socket_elsewhere(d)]
+                 for name, ns in namespaces.items()}
+        moved = {k: v for k, v in moved.items() if v}
+        moves: list[Moved] = []
+        if moved:
+            namespaces, moves, more = self._births(namespaces, moved, began, labelled=True)
+            failures += more
+        namespaces = self._forward(namespaces, began)
+        taken = max((ns.snapshot.taken_at for ns in namespaces.values()), default=time.time())
+        return HostSnapshot(taken, tuple(namespaces.values()), True, tuple(moves),
+                            tuple(failures))
+
+    # -- moved kernel devices
+
+    def _ports(self, namespaces: dict[str, NetnsSnapshot], began: float
+               ) -> tuple[dict[str, frozenset[tuple[int, int]]], dict[str, Namespace],
+                          list[SourceFailure]]:
+        """UDP ports of every namespace that can be found: those read, and (entered for
+        this alone) all others."""
+        ports = {n: ns.snapshot.udp_ports for n, ns in namespaces.items()
+                 if ns.snapshot.udp_ports is not None}
+        found, errors = discover(NetnsSpec("all"), self._uapi_dir, everything=True)
+        failures = [exc.failure("netns") for exc in errors]
+        by_name = {ns.name: ns for ns in found}
+        read_keys = {s.ns.key for s in self._slots.values() if s.ns.name in namespaces}
+        own = next((ns for ns in found if ns.own), None)
+        if own is not None and "" in namespaces:
+            by_name[""] = own
+            read_keys.add(own.key)
+        jobs: dict[Key, Future[frozenset[tuple[int, int]]]] = {}
+        names_of: dict[Key, str] = {}
+        for ns in found:
+            if ns.key in read_keys or ns.own:
+                continue
+            jobs[ns.key] = self._slot(ns).worker.submit(udp_listen_ports)
+            names_of[ns.key] = ns.name
+        for key, result in self._gather(jobs, began + self._deadline).items():
+            if isinstance(result, BaseException):
+                failures.append(_failure(names_of[key], result))
+            else:
+                ports[names_of[key]] = result
+        return ports, by_name, failures
+
+    def _births(self, namespaces: dict[str, NetnsSnapshot], moved: dict[str, list[Device]],
+                began: float, labelled: bool
+                ) -> tuple[dict[str, NetnsSnapshot], list[Moved], list[SourceFailure]]:
+        ports, by_name, failures = self._ports(namespaces, began)
+        listening = {n: {d.listen_port for d in ns.snapshot.devices}
+                     for n, ns in namespaces.items()}
+        moves: list[Moved] = []
+        guests: dict[str, list[Guest]] = {}
+        for home, devices in moved.items():
+            for d in devices:
+                births = [n for n, p in ports.items() if n != home
+                          and any(port == d.listen_port for _f, port in p)
+                          and d.listen_port not in listening.get(n, set())]
+                if len(births) == 1:
+                    moves.append(Moved(home, d.name, births[0]))
+                    guests.setdefault(births[0], []).append(Guest(home, d))
+                    continue
+                why = (f"no UDP socket on port {d.listen_port} in this network namespace "
+                       "(the device was made in another one, which routes its transport), "
+                       + ("and none of the namespaces wgnest can enter has it"
+                          if not births else
+                          f"and {len(births)} namespaces have one ({', '.join(births)})"))
+                moves.append(Moved(home, d.name, "", why))
+        jobs: dict[Key, Future[NetnsSnapshot]] = {}
+        for birth, guest_list in guests.items():
+            ns = by_name.get(birth)
+            if ns is None:
+                continue
+            slot = self._slot(ns)
+            known = namespaces.get(birth)
+            jobs[ns.key] = slot.worker.submit(functools.partial(
+                self._host_guests, slot, known, tuple(guest_list), labelled))
+        for key, result in self._gather(jobs, began + self._deadline).items():
+            slot = self._slots[key]
+            if isinstance(result, BaseException):
+                failures.append(_failure(slot.ns.name, result))
+                for m in list(moves):
+                    if m.birth == slot.ns.name:
+                        moves[moves.index(m)] = Moved(m.netns, m.device, "",
+                                                      f"its socket's namespace {m.birth} "
+                                                      f"could not be read: {result}")
+                continue
+            namespaces[result.name] = result
+        return namespaces, moves, failures
+
+    def _host_guests(self, slot: _Slot, known: NetnsSnapshot | None, guests: tuple[Guest, ...],
+                     labelled: bool) -> NetnsSnapshot:
+        """On the birth namespace's worker: its snapshot (read now if it was not selected),
+        with the lookups of its guests' flows and of their candidate fixes."""
+        ns = known if known is not None else dataclasses.replace(
+            self._read(slot, labelled), reported=False)
+        devices = [g.device for g in guests]
+        lookups = slot.reader.lookup.lookup(transport_flows(devices))
+        snap = dataclasses.replace(ns.snapshot, lookups={**ns.snapshot.lookups, **lookups})
+        fixes = slot.reader.lookup.lookup(fix_flows(snap, devices))
+        snap = dataclasses.replace(snap, lookups={**snap.lookups, **fixes})
+        return dataclasses.replace(ns, snapshot=snap, guests=guests)
+
+    # -- forwarding into another namespace
+
+    def _forward(self, namespaces: dict[str, NetnsSnapshot], began: float
+                 ) -> dict[str, NetnsSnapshot]:
+        """Ask each namespace the input route lookups of the transports forwarded to it."""
+        slots = {s.ns.name: s for s in self._slots.values()}
+        for _hop in range(FORWARD_HOPS):
+            wanted: dict[str, list[Flow]] = forwarded_flows(namespaces)
+            jobs: dict[Key, Future[dict[Flow, RouteAnswer]]] = {}
+            names_of: dict[Key, str] = {}
+            for name, flows in wanted.items():
+                slot = slots.get(name)
+                if slot is None or not flows:
+                    continue
+                todo = [f for f in flows if f not in namespaces[name].snapshot.lookups]
+                if not todo:
+                    continue
+                jobs[slot.ns.key] = slot.worker.submit(
+                    functools.partial(slot.reader.lookup.lookup, todo))
+                names_of[slot.ns.key] = name
+            if not jobs:
+                break
+            for key, result in self._gather(jobs, began + self._deadline).items():
+                name = names_of[key]
+                if isinstance(result, BaseException):
+                    log.debug("forwarded lookups in %s failed: %s", name, result)
+                    continue
+                ns = namespaces[name]
+                snap = dataclasses.replace(ns.snapshot,
+                                           lookups={**ns.snapshot.lookups, **result})
+                namespaces[name] = dataclasses.replace(ns, snapshot=snap)
+        return namespaces
