@@ -70,10 +70,12 @@ def _forwarded(path: PeerPath, chain: list[Hop], views: Mapping[str, HostView],
     fix = route_or_rule_fix(view, last.flow, ans, capture,
                             f"the transport is forwarded into {last.netns}, where no mark "
                             "set for it applies")
+    # applied in the forwarding namespace, not by the device's wg-quick: no config lines
+    fix = dataclasses.replace(in_netns(fix, by_name[last.netns].enter), config_lines=())
     return dataclasses.replace(
         path, verdict=PathVerdict.NESTED, outer=outer, outer_netns=last.netns,
         chain=(*path.chain, *crossed), captured_by=str(capture) if capture is not None else "",
-        fix=in_netns(fix, by_name[last.netns].enter))
+        fix=fix)
 
 
 def diagnose_host(host: HostSnapshot, allow: Collection[tuple[str, str]] = (),
