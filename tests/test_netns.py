@@ -54,16 +54,16 @@ PLAIN_RULES = (Rule(4, 0, 255, 1), Rule(4, 32766, 254, 1), Rule(4, 32767, 253, 1
 UPLINK = RouteAnswer(oif=2, gateway="192.0.2.1", prefsrc="192.0.2.10", table=254)
 
 
-def _peer(key: str, ep: str | None, port: int = 51820) -> Peer:
+def _peer(key: str, ep: str | None, port: int = 51820, allowed: str = "10.99.0.0/24") -> Peer:
     endpoint = Endpoint(IP(ep), port) if ep else None
-    return Peer(key, endpoint, (N("10.99.0.0/24"),), 0.0, 0, 0, 0)
+    return Peer(key, endpoint, (N(allowed),), 0.0, 0, 0, 0)
 
 
 def _device(name: str, index: int, impl: str, port: int, mark: int, *peers: Peer) -> Device:
     return Device(name, index, impl, "P" * 43 + "=", port, mark, 1420, peers)
 
 
-WG0 = _device("wg0", 4, "kernel", 51820, 51820, _peer(KA, "198.51.100.1"))
+WG0 = _device("wg0", 4, "kernel", 51820, 51820, _peer(KA, "198.51.100.1", allowed="0.0.0.0/0"))
 WGBOX = _device("wgbox", 3, "userspace", 40000, 0, _peer(KB, EP, 51999))
 BOX_FLOW = Flow(IP(EP), 0, 40000, 51999)
 FORWARDED = Flow(IP(EP), 0, 40000, 51999, 0, 3, IP("10.9.0.2"))
@@ -96,6 +96,10 @@ def test_a_container_behind_the_host_full_tunnel_is_nested_in_the_host_tunnel() 
     assert box.verdict == PathVerdict.NESTED
     assert (box.outer, box.outer_netns, box.transport_netns) == ("wg0", "host", "")
     assert box.chain == ("wgbox", "eth0", "host/veth0", "host/wg0")
+    assert box.outer_peer == KA  # the host tunnel's peer whose allowed IPs hold the endpoint
+    # inner MTU: the box's link 1500 and the host's wg0 1420 each less one layer of headers
+    assert box.mtu is not None
+    assert (box.mtu.usable_mtu, box.mtu.direct_mtu, box.mtu.cost_bytes) == (1360, 1440, 80)
     assert "32765" in box.captured_by
     # no mark set in the box reaches the host: the fix is the host's, and wg-quick's
     # suppress_prefixlength rule lets a host route in its main table win
@@ -205,6 +209,7 @@ def test_every_series_has_the_netns_label_and_families_are_merged() -> None:
     text = exposition(netns_families(_views(), {})).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert text.count("# TYPE wireguard_device_info gauge") == 1
+    assert [s.value for s in families.pop("wgnest_netns").samples] == [2]
     for family in families.values():
         for sample in family.samples:
             assert sample.labels.get("netns") in ("host", "box"), sample

@@ -55,8 +55,9 @@ class _Slot:
 
 def _failure(ns: str, exc: BaseException) -> SourceFailure:
     if isinstance(exc, SourceError):
-        return SourceFailure("netns", exc.reason, f"netns {ns}: {' '.join(str(exc).split())}")
-    return SourceFailure("netns", "other", f"netns {ns}: {type(exc).__name__}: {exc}")
+        return SourceFailure("netns", exc.reason, f"netns {ns}: {' '.join(str(exc).split())}",
+                             ns)
+    return SourceFailure("netns", "other", f"netns {ns}: {type(exc).__name__}: {exc}", ns)
 
 
 class HostReader:
@@ -87,8 +88,11 @@ class HostReader:
     def _slot(self, ns: Namespace) -> _Slot:
         slot = self._slots.get(ns.key)
         if slot is not None and slot.ns != ns:
-            self._drop(ns.key)  # renamed, or its UAPI directories changed
-            slot = None
+            # renamed, or its processes (and so its UAPI directories) changed: the worker
+            # stays inside, the reader reads the directories found now
+            dirs = ns.uapi_dirs or (self._uapi_dir,)
+            slot.reader.uapi_dir, slot.reader.more_uapi_dirs = dirs[0], dirs[1:]
+            slot.ns = ns
         if slot is None:
             dirs = ns.uapi_dirs or (self._uapi_dir,)
             reader = Reader(uapi_dir=dirs[0], uapi_timeout=self._uapi_timeout,
@@ -149,7 +153,7 @@ class HostReader:
 
     def _take_many(self, began: float) -> HostSnapshot:
         found, errors = discover(self.spec, self._uapi_dir)
-        failures = [exc.failure("netns") for exc in errors]
+        failures = [dataclasses.replace(exc.failure("netns"), netns=ns) for ns, exc in errors]
         slots = {ns.key: self._slot(ns) for ns in found}
         self._keep(slots)
         jobs: dict[Key, Future[NetnsSnapshot]] = {}
@@ -192,7 +196,7 @@ class HostReader:
         ports = {n: ns.snapshot.udp_ports for n, ns in namespaces.items()
                  if ns.snapshot.udp_ports is not None}
         found, errors = discover(NetnsSpec("all"), self._uapi_dir, everything=True)
-        failures = [exc.failure("netns") for exc in errors]
+        failures = [dataclasses.replace(exc.failure("netns"), netns=ns) for ns, exc in errors]
         by_name = {ns.name: ns for ns in found}
         read_keys = {s.ns.key for s in self._slots.values() if s.ns.name in namespaces}
         own = next((ns for ns in found if ns.own), None)

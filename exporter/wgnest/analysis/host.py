@@ -12,9 +12,16 @@ from collections.abc import Collection, Mapping, Sequence
 
 from wgnest.analysis.fixes import Fix, FixKind, capture_of, route_or_rule_fix
 from wgnest.analysis.forwarding import Hop, address_index, hops
-from wgnest.analysis.paths import PathVerdict, PeerPath, diagnose, peer_path
+from wgnest.analysis.paths import (
+    MtuCost,
+    PathVerdict,
+    PeerPath,
+    carrying_peer,
+    diagnose,
+    peer_path,
+)
 from wgnest.analysis.view import HostView
-from wgnest.model.host import Snapshot
+from wgnest.model.host import WG_OVERHEAD, Snapshot
 from wgnest.model.netns import HostSnapshot, NetnsSnapshot
 
 Paths = dict[str, list[PeerPath]]  # namespace name -> its peers' paths
@@ -56,7 +63,7 @@ def _guest_paths(host: HostSnapshot, views: Mapping[str, HostView],
     return out
 
 
-def _forwarded(path: PeerPath, chain: list[Hop], views: Mapping[str, HostView],
+def _forwarded(path: PeerPath, home: str, chain: list[Hop], views: Mapping[str, HostView],
                by_name: Mapping[str, NetnsSnapshot]) -> PeerPath:
     """A direct path whose transport is forwarded into a tunnel of another namespace."""
     last = chain[-1]
@@ -66,6 +73,8 @@ def _forwarded(path: PeerPath, chain: list[Hop], views: Mapping[str, HostView],
         return path
     outer = view.name(ans.oif)
     crossed = (*(f"{h.netns}/{h.link}" for h in chain), f"{last.netns}/{outer}")
+    outer_device = view.wg_by_index.get(ans.oif)
+    carrier = carrying_peer(outer_device, last.flow.dst) if outer_device is not None else None
     capture = capture_of(view, last.flow, ans)
     fix = route_or_rule_fix(view, last.flow, ans, capture,
                             f"the transport is forwarded into {last.netns}, where no mark "
@@ -74,8 +83,34 @@ def _forwarded(path: PeerPath, chain: list[Hop], views: Mapping[str, HostView],
     fix = dataclasses.replace(in_netns(fix, by_name[last.netns].enter), config_lines=())
     return dataclasses.replace(
         path, verdict=PathVerdict.NESTED, outer=outer, outer_netns=last.netns,
+        outer_peer=carrier.public_key if carrier is not None else "",
         chain=(*path.chain, *crossed), captured_by=str(capture) if capture is not None else "",
-        fix=fix)
+        fix=fix, mtu=_forwarded_mtu(path, views, home, last.netns, ans.oif))
+
+
+def _forwarded_mtu(path: PeerPath, views: Mapping[str, HostView], home: str, there: str,
+                   outer_oif: int) -> MtuCost | None:
+    """The inner MTU that fits when the transport, having left by its own link, crosses the
+    outer tunnel of the namespace it is forwarded into; and what would fit without it (its
+    own link, then that namespace's underlay)."""
+    if path.flow is None:
+        return None
+    here, far = views[home], views[there]
+    overhead = WG_OVERHEAD[path.flow.dst.version]
+    first = next((ln for ln in here.snap.links if ln.name == path.egress), None)
+    outer = far.links.get(outer_oif)
+    device = next((d for d in here.snap.devices if d.name == path.device), None)
+    if first is None or outer is None or device is None:
+        return None
+    default = far.underlay_default(path.flow.dst.version)
+    underlay = far.links.get(default.oif) if default is not None else None
+    direct = min(first.mtu, underlay.mtu if underlay is not None else first.mtu) - overhead
+    # the outer tunnel carries the whole transport packet, its underlay both layers' headers
+    fits = [first.mtu - overhead, outer.mtu - overhead]
+    if underlay is not None:
+        fits.append(underlay.mtu - 2 * overhead)
+    usable = min(fits)
+    return MtuCost(device.mtu, usable, direct, max(0, direct - usable))
 
 
 def diagnose_host(host: HostSnapshot, allow: Collection[tuple[str, str]] = (),
@@ -109,5 +144,5 @@ def diagnose_host(host: HostSnapshot, allow: Collection[tuple[str, str]] = (),
                 continue
             chain = hops(by_name, index, start, p.flow, ans)
             if chain:
-                paths[i] = _forwarded(p, chain, views, by_name)
+                paths[i] = _forwarded(p, start, chain, views, by_name)
     return out

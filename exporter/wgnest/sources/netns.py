@@ -217,7 +217,15 @@ def _uapi_dirs(pids: Sequence[int], uapi_dir: Path, shared: bool) -> tuple[Path,
         if key not in seen:
             seen.add(key)
             dirs.append(resolve_in_root(PROC / str(pid) / "root", uapi_dir))
-    return tuple(dirs)
+    # `ip netns exec` gives each process a mount namespace of its own over the same /run:
+    # one directory reached several ways is read once
+    unique: dict[Key, Path] = {}
+    for d in dirs:
+        try:
+            unique.setdefault(ns_key(d), d)
+        except OSError:
+            continue  # none there (no userspace device in that container)
+    return tuple(unique.values())
 
 
 def _named() -> dict[Key, str]:
@@ -249,10 +257,11 @@ def _dedupe(found: list[Namespace]) -> list[Namespace]:
 
 
 def discover(spec: NetnsSpec, uapi_dir: Path, *, everything: bool = False
-             ) -> tuple[list[Namespace], list[SourceError]]:
+             ) -> tuple[list[Namespace], list[tuple[str, SourceError]]]:
     """The namespaces `spec` selects (`everything`: every one that can be found, for the
-    search of a moved device's socket), our own first. Errors are one line each."""
-    errors: list[SourceError] = []
+    search of a moved device's socket), our own first. Errors are one line each, with the
+    --netns entry they concern ("" for none)."""
+    errors: list[tuple[str, SourceError]] = []
     own = _own_key()
     named = _named()
     groups, denied = _process_namespaces()
@@ -284,10 +293,10 @@ def discover(spec: NetnsSpec, uapi_dir: Path, *, everything: bool = False
         keys = list(dict.fromkeys([*named, *sorted(groups, key=lambda k: groups[k][0])]))
         found += [make(k, path_of(k)) for k in keys if k != own]
         if denied and not has_capability(CAP_SYS_PTRACE):
-            errors.append(SourceError(
+            errors.append(("", SourceError(
                 f"the namespaces of {denied} processes are unreadable (/proc/PID/ns/net of "
                 "another user's process needs CAP_SYS_PTRACE): containers among them are "
-                "not seen", "eperm"))
+                "not seen", "eperm")))
     if spec.mode == "list":
         selected: list[Namespace] = []
         for entry in spec.entries:
@@ -295,11 +304,12 @@ def discover(spec: NetnsSpec, uapi_dir: Path, *, everything: bool = False
             try:
                 key = ns_key(path)
             except OSError as exc:
-                errors.append(SourceError(f"--netns {entry}: {exc.strerror}",
-                                          reason_for_errno(exc.errno)))
+                errors.append((entry, SourceError(f"--netns {entry}: {exc.strerror}",
+                                                  reason_for_errno(exc.errno))))
                 continue
             if key[0] != own[0]:
-                errors.append(SourceError(f"--netns {entry}: not a network namespace", "enodev"))
+                errors.append((entry, SourceError(f"--netns {entry}: not a network namespace",
+                                                  "enodev")))
                 continue
             ns = make(key, path if key != own else "")
             if key not in named and not groups.get(key) and entry.startswith("/"):
@@ -323,17 +333,17 @@ def enter(path: str, key: Key) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SourceError(f"netns {path}: {exc.strerror}", reason_for_errno(exc.errno)) from None
+        raise SourceError(f"{path}: {exc.strerror}", reason_for_errno(exc.errno)) from None
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             hint = " (entering a namespace needs CAP_SYS_ADMIN)" if code == errno.EPERM else ""
-            raise SourceError(f"netns {path}: setns: {os.strerror(code)}{hint}",
+            raise SourceError(f"{path}: setns: {os.strerror(code)}{hint}",
                               reason_for_errno(code))
     finally:
         os.close(fd)
     if ns_key(PROC / "thread-self" / "ns" / "net") != key:
-        raise SourceError(f"netns {path}: a different namespace than found (it was replaced)",
+        raise SourceError(f"{path}: a different namespace than found (it was replaced)",
                           "enodev")
 
 

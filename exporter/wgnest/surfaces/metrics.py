@@ -228,6 +228,8 @@ def netns_families(views: Sequence[tuple[str, str, Snapshot, Sequence[PeerPath]]
                  "it is entered by (\"\" for wgnest's own).", "netns", "path")
     for name, path, _snap, _paths in views:
         info.add((name, path), 1)
+    count = gauge("wgnest_netns", "Network namespaces read in the last refresh (--netns).")
+    count.add((), len(views))
     return merged([*(with_label(wireguard_families(snap, paths, names, outer_netns=True),
                                 "netns", name) for name, _path, snap, paths in views),
-                   [info]])
+                   [info, count]])

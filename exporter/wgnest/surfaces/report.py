@@ -196,7 +196,8 @@ def render_text_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFai
     prober runs in) is shown there."""
     snap, paths = whole(views, _ns_failures(views, failures))
     v = check_result(snap, paths, latency, prober)
-    out = [f"WGNEST {v.code.name} - {v.summary} ({len(views)} network namespaces)"]
+    spaces = "network namespace" if len(views) == 1 else "network namespaces"
+    out = [f"WGNEST {v.code.name} - {v.summary} ({len(views)} {spaces})"]
     for name, path, ns_snap, ns_paths in views:
         out.append(f"netns {name}" + (f"  ({path})" if path else "  (wgnest's own)"))
         out += ["  " + line for line in _device_lines(
