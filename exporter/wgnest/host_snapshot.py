@@ -68,7 +68,9 @@ class HostReader:
         self.spec = spec
         self._uapi_dir, self._uapi_timeout = uapi_dir, uapi_timeout
         # per-namespace reads run in parallel: the whole refresh waits at most this long
-        self._deadline = deadline if deadline is not None else 2 * uapi_timeout + 3.0
+        # (one UAPI read's timeout and a second: a namespace with two stuck sockets, read
+        # one after the other, is late, not everyone)
+        self._deadline = deadline if deadline is not None else uapi_timeout + 1.0
         self.own = Reader(uapi_dir=uapi_dir, uapi_timeout=uapi_timeout)
         self._slots: dict[Key, _Slot] = {}
 
