@@ -19,7 +19,7 @@ _COLLECTOR = ("collector",)
 METRIC_LABELS = MappingProxyType({
     # devices
     "wireguard_device_info": ("device", "public_key"),
-    "wireguard_device_fwmark": ("device",),
+    "wireguard_device_fwmark": ("device", "fwmark"),
     "wireguard_device_listen_port": ("device",),
     "wireguard_device_mtu_bytes": ("device",),
     # peers
@@ -35,7 +35,7 @@ METRIC_LABELS = MappingProxyType({
     "wireguard_peer_nested": ("device", "public_key", "outer_device"),
     "wireguard_peer_routing_loop": _PEER,
     "wireguard_peer_nesting_allowed": _PEER,
-    "wireguard_peer_suggested_fwmark": _PEER,
+    "wireguard_peer_suggested_fwmark": (*_PEER, "fwmark"),
     "wireguard_peer_nesting_mtu_cost_bytes": _PEER,
     # probes
     "wireguard_probe_rtt_seconds_bucket": _PROBE,

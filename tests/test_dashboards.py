@@ -902,15 +902,44 @@ def overrides(p: dict[str, Any], column: str) -> dict[str, Any]:
             if o["matcher"] == {"id": "byName", "options": column} for prop in o["properties"]}
 
 
-@pytest.mark.parametrize("column", ["FwMark", "Suggested FwMark"])
-def test_fwmarks_in_hex_as_wg_prints_them(column: str) -> None:
-    """`wg show` prints fwmark 51820 as 0xca6c and 0 as off; `wg showconf` writes
-    `FwMark = 0xca6c`. Grafana's hex0x unit prints the same number (its digits upper case)."""
-    props = overrides(panel("Tunnels"), column)
-    assert props["unit"] == "hex0x"
-    zero = props["mappings"][0]["options"]["0"]["text"]
-    assert zero == ("off" if column == "FwMark" else "route the endpoint via the underlay")
-    assert f"{51820:#x}" == "0xca6c"  # what wg prints; hex0x shows 0xCA6C
+def test_fwmarks_as_wg_prints_them(tmp_path: Path) -> None:
+    """`wg show` prints fwmark 51820 as 0xca6c and none as off; Grafana's hex0x unit would
+    print 0xCA6C. The table shows the exporter's `fwmark` label instead, as wg prints it:
+    the dashboard's own queries, evaluated by promtool, carry it to the columns."""
+    tunnels = panel("Tunnels")
+    org = next(t for t in tunnels["transformations"] if t["id"] == "organize")["options"]
+    assert org["renameByName"]["fwmark"] == "FwMark"
+    assert org["renameByName"]["suggested_fwmark"] == "Suggested FwMark"
+    assert org["excludeByName"]["Value #A"] and org["excludeByName"]["Value #F"]
+    assert not overrides(tunnels, "FwMark")  # no number formatting left to disagree with wg
+    query = {t["refId"]: substitute(t["expr"]) for t in tunnels["targets"]}
+    base = 'job="wgnest",instance="gw1:9586"'
+    key = "++8AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    series = [
+        {"series": f'wireguard_device_fwmark{{{base},device="wg0",fwmark="0xca6c"}}',
+         "values": "51820x5"},
+        {"series": f'wireguard_device_fwmark{{{base},device="wg1",fwmark="off"}}',
+         "values": "0x5"},
+        {"series": f'wireguard_peer_nested{{{base},device="wg1",public_key="{key}",'
+                   'outer_device="wg0"}', "values": "1x5"},
+        {"series": f'wireguard_peer_suggested_fwmark{{{base},device="wg1",public_key="{key}",'
+                   'fwmark="0xca6c"}', "values": "51820x5"},
+    ]
+    doc = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series, "promql_expr_test": [
+            {"expr": query["A"], "eval_time": "2m", "exp_samples": [
+                {"labels": f'{{{base},device="wg0",fwmark="0xca6c"}}', "value": 51820},
+                {"labels": f'{{{base},device="wg1",fwmark="off"}}', "value": 0}]},
+            {"expr": query["F"], "eval_time": "2m", "exp_samples": [
+                {"labels": f'{{{base},device="wg1",suggested_fwmark="0xca6c"}}',
+                 "value": 51820}]},
+        ]}]}
+    path = tmp_path / "fwmark_test.yml"
+    path.write_text(yaml.safe_dump(doc, width=1000), encoding="utf-8")
+    result = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{51820:#x}" == "0xca6c"  # what wg prints
 
 
 def test_rtt_panel_uses_recording_rules() -> None:
@@ -948,7 +977,7 @@ def test_per_peer_panels_name_peers_and_stay_small(title: str) -> None:
         assert t["expr"].startswith("topk($limit, "), t["expr"]
         joins = [n for n, _ in walk(node) if n.kind == "binary" and n.include == ["peer"]]
         assert joins, f"{title}: no group_left (peer) join"
-        assert joins[0].grouping == ("on", ["job", "instance", "device", "public_key"])
+        assert joins[0].grouping == ("on", ["job", "instance", "netns", "device", "public_key"])
         info = [s for s in vector_selectors(joins[0].children[1])
                 if s.name == "wireguard_peer_info"]
         assert info

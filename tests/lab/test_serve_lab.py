@@ -56,6 +56,13 @@ def check_seed_scrape(lab: Lab, samples: dict[tuple[str, frozenset[tuple[str, st
                 and ("device", w0) in k[1]]
     assert value(samples, "wireguard_device_fwmark", device=w0) == 51820
     assert value(samples, "wireguard_device_fwmark", device=w1) == 0
+    # the fwmark label is the mark as `wg show` prints it (0xca6c, off), for the dashboard
+    for dev in (w0, w1):
+        printed = run("wg", "show", dev, "fwmark", ns=lab.client.ns).stdout.strip()
+        assert value(samples, "wireguard_device_fwmark", device=dev, fwmark=printed) in (
+            0, 51820), (dev, printed)
+    assert value(samples, "wireguard_peer_suggested_fwmark", device=w1,
+                 fwmark=f"{51820:#x}") == 51820
     assert value(samples, "wireguard_device_mtu_bytes", device=w1) == 1340
     assert not [k for k in samples if k[0] == "wireguard_peer_routing_loop"]
     assert value(samples, "wireguard_peer_nesting_mtu_cost_bytes", device=w1) == 80

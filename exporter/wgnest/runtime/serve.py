@@ -144,15 +144,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     for warning in warnings:
         log.warning("peer names: %s", warning)
-    if os.geteuid() == 0:
-        log.warning("running as root: only reading wireguard-go's root-only UAPI sockets needs "
-                    "it; kernel WireGuard needs just CAP_NET_ADMIN and CAP_NET_RAW "
-                    "(see exporter/systemd/wgnest.service)")
     try:
         spec = netns_from(args)
     except ValueError as exc:
         sys.stderr.write(f"wgnest: {exc}\n")
         return 2
+    if os.geteuid() == 0:
+        extra = (", and --netns CAP_SYS_ADMIN (setns) and CAP_SYS_PTRACE (other users' "
+                 "/proc/PID/ns)" if spec.labelled else "")
+        log.warning("running as root: only reading wireguard-go's root-only UAPI sockets needs "
+                    "it; kernel WireGuard needs just CAP_NET_ADMIN and CAP_NET_RAW%s "
+                    "(see exporter/systemd/wgnest.service)", extra)
     reader = HostReader(spec, uapi_dir=args.uapi_dir, uapi_timeout=args.uapi_timeout)
     prober: Prober | None = None
     refresher: Refresher

@@ -131,17 +131,19 @@ def _process_namespaces() -> tuple[dict[Key, list[int]], int]:
         names = os.listdir(PROC)
     except OSError:
         return groups, 0
+    proc = str(PROC)
+    stat = os.stat
     for name in names:
         if not name.isdigit():
             continue
         try:
-            key = ns_key(PROC / name / "ns" / "net")
+            st = stat(f"{proc}/{name}/ns/net")  # str, not Path: this runs for every process
         except PermissionError:
             denied += 1
             continue
         except OSError:
-            continue  # exited meanwhile, or a kernel thread
-        groups.setdefault(key, []).append(int(name))
+            continue  # exited meanwhile
+        groups.setdefault((st.st_dev, st.st_ino), []).append(int(name))
     for pids in groups.values():
         pids.sort()
     return groups, denied
@@ -264,6 +266,8 @@ def discover(spec: NetnsSpec, uapi_dir: Path, *, everything: bool = False
     errors: list[tuple[str, SourceError]] = []
     own = _own_key()
     named = _named()
+    # every namespace, named ones too, may hold processes with a private mount namespace
+    # (a container runtime's): their UAPI directories are found through them
     groups, denied = _process_namespaces()
     host = _host_key(groups)
 
@@ -294,9 +298,9 @@ def discover(spec: NetnsSpec, uapi_dir: Path, *, everything: bool = False
         found += [make(k, path_of(k)) for k in keys if k != own]
         if denied and not has_capability(CAP_SYS_PTRACE):
             errors.append(("", SourceError(
-                f"the namespaces of {denied} processes are unreadable (/proc/PID/ns/net of "
-                "another user's process needs CAP_SYS_PTRACE): containers among them are "
-                "not seen", "eperm")))
+                "some processes' namespaces are unreadable (/proc/PID/ns/net of another "
+                "user's process needs CAP_SYS_PTRACE): containers among them are not seen",
+                "eperm")))
     if spec.mode == "list":
         selected: list[Namespace] = []
         for entry in spec.entries:

@@ -52,15 +52,21 @@ def allowed_ips_label(peer: Peer) -> str:
     return label
 
 
+def fwmark_text(mark: int, zero: str = "off") -> str:
+    """A mark as `wg show` prints it: 0xca6c (lower-case hex), `zero` for none."""
+    return f"{mark:#x}" if mark else zero
+
+
 def device_families(snap: Snapshot) -> Iterator[Family]:
     info = gauge("wireguard_device_info", "Metadata about a device.", *DP)
     fwmark = gauge("wireguard_device_fwmark",
-                    "Firewall mark of the device's transport packets (0 = none).", "device")
+                    "Firewall mark of the device's transport packets (0 = none); label fwmark "
+                    "as wg prints it (0xca6c, off).", "device", "fwmark")
     port = gauge("wireguard_device_listen_port", "UDP port the device listens on.", "device")
     mtu = gauge("wireguard_device_mtu_bytes", "MTU of the device.", "device")
     for d in snap.devices:
         info.add((d.name, d.public_key), 1)
-        fwmark.add((d.name,), d.fwmark)
+        fwmark.add((d.name, fwmark_text(d.fwmark)), d.fwmark)
         port.add((d.name,), d.listen_port)
         mtu.add((d.name,), d.mtu)
     yield from (info, fwmark, port, mtu)
@@ -120,7 +126,8 @@ def path_families(paths: Sequence[PeerPath], outer_netns: bool = False) -> Itera
     fwmark = gauge(
         "wireguard_peer_suggested_fwmark",
         "FwMark that routes the transport to the underlay (kernel-verified); 0 if no mark "
-        "does; only for nested and looping peers.", *DP)
+        "does; label fwmark as wg prints it (0xca6c, none); only for nested and looping "
+        "peers.", *DP, "fwmark")
     mtu = gauge("wireguard_peer_nesting_mtu_cost_bytes",
                  "Inner MTU bytes lost because the transport is nested; only for nested "
                  "peers.", *DP)
@@ -138,7 +145,8 @@ def path_families(paths: Sequence[PeerPath], outer_netns: bool = False) -> Itera
             allowed.add(labels, 1)
         if is_nested or p.verdict == PathVerdict.LOOP:
             verified = p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified
-            fwmark.add(labels, p.fix.fwmark if p.fix is not None and verified else 0)
+            mark = p.fix.fwmark if p.fix is not None and verified else 0
+            fwmark.add((*labels, fwmark_text(mark, "none")), mark)
         if is_nested and p.mtu is not None:
             mtu.add(labels, p.mtu.cost_bytes)
     yield from (route, nested, loop, allowed, fwmark, mtu)
