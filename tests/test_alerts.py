@@ -222,8 +222,8 @@ def test_production_durations() -> None:
 def test_nesting_alert_respects_allowed_and_names_the_fix() -> None:
     rule = alerts()["WireGuardTunnelNested"]
     expr = " ".join(rule["expr"].split())
-    assert "unless on (job, instance, netns, device, public_key) (wireguard_peer_nesting_allowed == 1)" \
-        in expr
+    allowed = "(wireguard_peer_nesting_allowed == 1)"
+    assert f"unless on (job, instance, netns, device, public_key) {allowed}" in expr
     assert "group_left" in expr
     assert "wireguard_peer_suggested_fwmark" in expr
     description = rule["annotations"]["description"]

@@ -910,7 +910,8 @@ def test_fwmarks_as_wg_prints_them(tmp_path: Path) -> None:
     org = next(t for t in tunnels["transformations"] if t["id"] == "organize")["options"]
     assert org["renameByName"]["fwmark"] == "FwMark"
     assert org["renameByName"]["suggested_fwmark"] == "Suggested FwMark"
-    assert org["excludeByName"]["Value #A"] and org["excludeByName"]["Value #F"]
+    assert org["excludeByName"]["Value #A"]
+    assert org["excludeByName"]["Value #F"]
     assert not overrides(tunnels, "FwMark")  # no number formatting left to disagree with wg
     query = {t["refId"]: substitute(t["expr"]) for t in tunnels["targets"]}
     base = 'job="wgnest",instance="gw1:9586"'
