@@ -38,14 +38,21 @@ def address_index(namespaces: Mapping[str, NetnsSnapshot]) -> dict[str, list[tup
 
 
 def hops(namespaces: Mapping[str, NetnsSnapshot], index: Mapping[str, list[tuple[str, int]]],
-         start: str, flow: Flow, answer: RouteAnswer) -> list[Hop]:
+         start: str, flow: Flow, answer: RouteAnswer,
+         views: Mapping[str, HostView] | None = None) -> list[Hop]:
     """The namespaces a transport routed by `answer` in `start` is forwarded through, as far
     as the lookups asked so far tell (the last hop's answer may be None: to be asked)."""
     out: list[Hop] = []
     here, ans, sent = start, answer, flow
     seen = {start}
-    while len(out) < MAX_HOPS and ans.ok and not HostView(namespaces[here].snapshot).is_tunnel(
-            ans.oif):
+
+    def tunnel(name: str, oif: int) -> bool:
+        view = views.get(name) if views is not None else None
+        return (view or HostView(namespaces[name].snapshot)).is_tunnel(oif)
+
+    while len(out) < MAX_HOPS and ans.ok and not tunnel(here, ans.oif):
+        if not ans.gateway and not index.get(str(sent.dst)):
+            break  # on-link, to no namespace read (the usual case: skip the rest)
         nxt = ans.gateway or str(sent.dst)
         owners = [o for o in index.get(nxt, []) if o[0] != here]
         if len(owners) != 1 or owners[0][0] in seen or not ans.prefsrc:
@@ -73,9 +80,10 @@ def forwarded_flows(namespaces: Mapping[str, NetnsSnapshot]) -> dict[str, list[F
     out: dict[str, list[Flow]] = {}
     if not index:
         return out
+    views = {name: HostView(ns.snapshot) for name, ns in namespaces.items()}
     for name, ns in namespaces.items():
         lookups = ns.snapshot.lookups
-        view = HostView(ns.snapshot)
+        view = views[name]
         devices = [*(d for d in ns.snapshot.devices if not view.socket_elsewhere(d)),
                    *(g.device for g in ns.guests)]
         for d in devices:
@@ -84,7 +92,7 @@ def forwarded_flows(namespaces: Mapping[str, NetnsSnapshot]) -> dict[str, list[F
                 ans = lookups.get(flow) if flow is not None else None
                 if flow is None or ans is None:
                     continue
-                for hop in hops(namespaces, index, name, flow, ans):
+                for hop in hops(namespaces, index, name, flow, ans, views):
                     if hop.answer is None:
                         out.setdefault(hop.netns, []).append(hop.flow)
     return {k: list(dict.fromkeys(v)) for k, v in out.items()}

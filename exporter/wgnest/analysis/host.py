@@ -142,7 +142,7 @@ def diagnose_host(host: HostSnapshot, allow: Collection[tuple[str, str]] = (),
             ans = by_name[start].snapshot.lookups.get(p.flow)
             if ans is None:
                 continue
-            chain = hops(by_name, index, start, p.flow, ans)
+            chain = hops(by_name, index, start, p.flow, ans, views)
             if chain:
                 paths[i] = _forwarded(p, start, chain, views, by_name)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as errno_mod
+import hmac
 import ipaddress
 import os
 import re
@@ -65,6 +66,24 @@ def x25519(scalar: bytes, u: int = 9) -> bytes:
     if swap:
         x2, z2 = x3, z3
     return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
+
+
+# Derived public keys by a keyed hash of the private key (HMAC under a key made at start and
+# never shown): a device's key is derived once, not every refresh (1 ms each), and neither
+# the private key nor anything that can be checked against it outside this process is kept.
+_DERIVED: dict[bytes, str] = {}
+_DERIVED_KEY = os.urandom(32)
+
+
+def derived_public_key(private: bytes) -> str:
+    tag = hmac.digest(_DERIVED_KEY, private, "sha256")
+    public = _DERIVED.get(tag)
+    if public is None:
+        public = _b64(x25519(private))
+        if len(_DERIVED) >= 4096:
+            _DERIVED.clear()
+        _DERIVED[tag] = public
+    return public
 
 
 class _Bad(Exception):
@@ -150,7 +169,7 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuil
     if key in _PEER_KEYS and not peers:
         raise _Bad(f"key {key!r} before any public_key")
     if key == "private_key":  # derive the public key at once; the private key is not kept
-        dev["derived"] = _b64(x25519(_key(value)))
+        dev["derived"] = derived_public_key(_key(value))
     elif key == "own_public_key":
         dev["own"] = _b64(_key(value))
     elif key in ("listen_port", "fwmark"):
