@@ -300,3 +300,17 @@ def test_a_process_namespace_is_labelled_by_hostname_then_comm(
     monkeypatch.setattr(netns_source, "PROC", tmp_path)
     assert process_label([42]) == "wg-easy"
     assert process_label([43]) == "wireguard_go"  # no hostname: its comm, made label-safe
+
+
+def test_status_page_groups_by_namespace_problems_first() -> None:
+    from wgnest.surfaces.status_page import render_netns
+
+    failure = SourceFailure("netns", "eperm", "netns c: setns denied", "c")
+    page = render_netns(_views(), [failure], {})
+    problems = page.index("<h2>Problems (1)</h2>")
+    assert page.index('<h2 id="netns-host">netns host</h2>') > problems
+    assert page.index('<h2 id="netns-box">netns box</h2>') > page.index("netns host</h2>")
+    assert "box/wgbox" in page[problems:page.index("netns host</h2>")]  # NETNS/DEVICE
+    assert 'id="dev-box/wgbox"' in page  # device anchors are per namespace
+    assert "netns c: setns denied" in page
+    assert "CRITICAL" in page
