@@ -28,6 +28,7 @@ from wgnest.model.host import Device, Endpoint, Link, Peer
 from wgnest.sources import wg_uapi
 from wgnest.sources.errors import SourceError
 from wgnest.sources.wg_uapi import (
+    PeerCache,
     parse_uapi,
     read_uapi,
     socket_in_my_netns,
@@ -605,3 +606,55 @@ def test_socket_named_after_a_link_that_is_no_tun_is_stale_and_never_connected(
             listener.accept()  # never connected to
     assert (devices, errors, stale) == ([], [], [sock_dir / "eth7.sock"])
     assert took < 0.2
+
+
+# --- the incremental parse -------------------------------------------------------------------
+
+
+def test_cached_parse_equals_the_whole_parse_and_reuses_unchanged_peers() -> None:
+    cache: PeerCache = {}
+    first = parse_uapi(FULL, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    assert first == parse(FULL)
+    assert len(cache) == 3
+    moved = FULL.replace("rx_bytes=" + str(2**64 - 1), "rx_bytes=5")
+    second = parse_uapi(moved, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    assert second == parse(moved)
+    assert second.peers[0] is not first.peers[0]  # its counters moved: parsed again
+    assert second.peers[0].rx_bytes == 5
+    assert second.peers[1] is first.peers[1]
+    assert second.peers[2] is first.peers[2]
+    # nothing of the answer is kept: no preshared key (nor any other text) in the cache
+    assert all(isinstance(k, tuple) and all(isinstance(x, int) for x in k) for k in cache)
+    assert PSK not in repr(cache)
+    assert b64(PSK) not in repr(cache)
+
+
+def test_cached_parse_of_a_bad_answer_fails_as_the_whole_parse() -> None:
+    cache: PeerCache = {}
+    parse_uapi(FULL, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    bad = FULL.replace("persistent_keepalive_interval=25", "persistent_keepalive_interval=x")
+    with pytest.raises(SourceError) as cached:
+        parse_uapi(bad, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    with pytest.raises(SourceError) as whole:
+        parse(bad)
+    assert str(cached.value) == str(whole.value)
+    late = FULL.replace("allowed_ip=10.1.0.0/16", "allowed_ip=10.1.0.0/16\nlisten_port=1")
+    assert parse_uapi(late, name="wgt0", ifindex=7, mtu=1420, cache=cache) == parse(late)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(LINE, max_size=12), end=st.sampled_from(["errno=0", "errno=5", ""]))
+def test_fuzz_cached_parse_agrees_with_the_whole_parse(lines: list[str], end: str) -> None:
+    text = "\n".join([*lines, end])
+    cache: PeerCache = {}
+    for _round in range(2):  # cold, then with every block cached
+        try:
+            whole: object = parse(text)
+        except SourceError as exc:
+            whole = str(exc)
+        try:
+            cached: object = parse_uapi(text, name="wgt0", ifindex=7, mtu=1420,
+                                        cache=cache)
+        except SourceError as exc:
+            cached = str(exc)
+        assert cached == whole

@@ -47,6 +47,16 @@ READ_AT_ONCE = 4  # namespaces read at the same time
 
 
 @dataclass
+class _Found:
+    """A namespace searched for the socket of a moved device."""
+
+    ns: Namespace
+    name: str  # as reported: the read's name ("" for our own with --netns self)
+    read: NetnsSnapshot | None  # its snapshot, if read
+    ports: frozenset[tuple[int, int]] | None = None  # its UDP sockets; None: unknown
+
+
+@dataclass
 class _Slot:
     ns: Namespace
     worker: Worker
@@ -200,86 +210,96 @@ class HostReader:
 
     # -- moved kernel devices
 
-    def _ports(self, namespaces: dict[str, NetnsSnapshot], began: float
-               ) -> tuple[dict[str, frozenset[tuple[int, int]]], dict[str, Namespace],
-                          list[SourceFailure]]:
-        """UDP ports of every namespace that can be found: those read, and (entered for
-        this alone) all others."""
-        ports = {n: ns.snapshot.udp_ports for n, ns in namespaces.items()
-                 if ns.snapshot.udp_ports is not None}
+    def _search(self, namespaces: dict[str, NetnsSnapshot], began: float
+                ) -> tuple[dict[Key, _Found], list[SourceFailure]]:
+        """Every namespace that can be found, with its UDP ports: from its read, or (entered
+        for this alone) asked now. Keyed by namespace, named as read (our own is "" with
+        --netns self)."""
         found, errors = discover(NetnsSpec("all"), self._uapi_dir, everything=True)
         failures = [dataclasses.replace(exc.failure("netns"), netns=ns) for ns, exc in errors]
-        by_name = {ns.name: ns for ns in found}
-        read_keys = {s.ns.key for s in self._slots.values() if s.ns.name in namespaces}
-        own = next((ns for ns in found if ns.own), None)
-        if own is not None and "" in namespaces:
-            by_name[""] = own
-            read_keys.add(own.key)
+        read = {s.ns.key: s.ns.name for s in self._slots.values() if s.ns.name in namespaces}
+        if "" in namespaces:
+            read.update({ns.key: "" for ns in found if ns.own})
+        out: dict[Key, _Found] = {}
         jobs: dict[Key, Future[frozenset[tuple[int, int]]]] = {}
-        names_of: dict[Key, str] = {}
         for ns in found:
-            if ns.key in read_keys or ns.own:
-                continue
-            jobs[ns.key] = self._slot(ns).worker.submit(udp_listen_ports)
-            names_of[ns.key] = ns.name
+            name = read.get(ns.key, ns.name)
+            known = namespaces.get(name) if ns.key in read else None
+            out[ns.key] = _Found(ns, name, known)
+            if known is not None and known.snapshot.udp_ports is not None:
+                out[ns.key].ports = known.snapshot.udp_ports
+            elif not (ns.own and name == ""):
+                jobs[ns.key] = self._slot(ns).worker.submit(udp_listen_ports)
         for key, result in self._gather(jobs, began + self._deadline).items():
             if isinstance(result, BaseException):
-                failures.append(_failure(names_of[key], result))
+                failures.append(_failure(out[key].name, result))
             else:
-                ports[names_of[key]] = result
-        return ports, by_name, failures
+                out[key].ports = result
+        return out, failures
 
     def _births(self, namespaces: dict[str, NetnsSnapshot], moved: dict[str, list[Device]],
                 began: float, labelled: bool
                 ) -> tuple[dict[str, NetnsSnapshot], list[Moved], list[SourceFailure]]:
-        ports, by_name, failures = self._ports(namespaces, began)
-        listening = {n: {d.listen_port for d in ns.snapshot.devices}
-                     for n, ns in namespaces.items()}
+        """The namespace holding each moved device's socket: one with a UDP socket on its
+        port and no WireGuard device of its own on that port (a namespace only searched is
+        read whole to know its devices, when its ports make it a candidate)."""
+        everyone, failures = self._search(namespaces, began)
+
+        def has_port(f: _Found, port: int) -> bool:
+            return f.ports is not None and any(p == port for _family, p in f.ports)
+
+        wanted = {d.listen_port for devices in moved.values() for d in devices}
+        jobs: dict[Key, Future[NetnsSnapshot]] = {
+            key: self._slot(f.ns).worker.submit(functools.partial(
+                self._read, self._slot(f.ns), labelled))
+            for key, f in everyone.items()
+            if f.read is None and any(has_port(f, port) for port in wanted)}
+        for key, result in self._gather(jobs, began + self._deadline).items():
+            if isinstance(result, BaseException):
+                failures.append(_failure(everyone[key].name, result))
+                everyone[key].ports = None  # unknown: never a candidate, never a guess
+            else:
+                everyone[key].read = dataclasses.replace(result, reported=False)
         moves: list[Moved] = []
-        guests: dict[str, list[Guest]] = {}
+        guests: dict[Key, list[Guest]] = {}
         for home, devices in moved.items():
             for d in devices:
-                births = [n for n, p in ports.items() if n != home
-                          and any(port == d.listen_port for _f, port in p)
-                          and d.listen_port not in listening.get(n, set())]
+                births = [key for key, f in everyone.items() if f.name != home
+                          and has_port(f, d.listen_port) and f.read is not None
+                          and all(x.listen_port != d.listen_port
+                                  for x in f.read.snapshot.devices)]
                 if len(births) == 1:
-                    moves.append(Moved(home, d.name, births[0]))
+                    moves.append(Moved(home, d.name, everyone[births[0]].name))
                     guests.setdefault(births[0], []).append(Guest(home, d))
                     continue
+                names = ", ".join(everyone[k].name for k in births)
                 why = (f"no UDP socket on port {d.listen_port} in this network namespace "
                        "(the device was made in another one, which routes its transport), "
                        + ("and none of the namespaces wgnest can enter has it"
-                          if not births else
-                          f"and {len(births)} namespaces have one ({', '.join(births)})"))
+                          if not births else f"and {len(births)} namespaces have one ({names})"))
                 moves.append(Moved(home, d.name, "", why))
-        jobs: dict[Key, Future[NetnsSnapshot]] = {}
-        for birth, guest_list in guests.items():
-            ns = by_name.get(birth)
-            if ns is None:
-                continue
-            slot = self._slot(ns)
-            known = namespaces.get(birth)
-            jobs[ns.key] = slot.worker.submit(functools.partial(
-                self._host_guests, slot, known, tuple(guest_list), labelled))
-        for key, result in self._gather(jobs, began + self._deadline).items():
-            slot = self._slots[key]
+        hosting: dict[Key, Future[NetnsSnapshot]] = {}
+        for key, guest_list in guests.items():
+            f = everyone[key]
+            if f.read is None:
+                continue  # (a birth namespace is always read: see above)
+            hosting[key] = self._slot(f.ns).worker.submit(functools.partial(
+                self._host_guests, self._slot(f.ns), f.read, tuple(guest_list)))
+        for key, result in self._gather(hosting, began + self._deadline).items():
+            name = everyone[key].name
             if isinstance(result, BaseException):
-                failures.append(_failure(slot.ns.name, result))
-                for m in list(moves):
-                    if m.birth == slot.ns.name:
-                        moves[moves.index(m)] = Moved(m.netns, m.device, "",
-                                                      f"its socket's namespace {m.birth} "
-                                                      f"could not be read: {result}")
+                failures.append(_failure(name, result))
+                moves = [Moved(m.netns, m.device, "", f"its socket's namespace {name} could "
+                               f"not be read: {result}") if m.birth == name else m
+                         for m in moves]
                 continue
             namespaces[result.name] = result
         return namespaces, moves, failures
 
-    def _host_guests(self, slot: _Slot, known: NetnsSnapshot | None, guests: tuple[Guest, ...],
-                     labelled: bool) -> NetnsSnapshot:
-        """On the birth namespace's worker: its snapshot (read now if it was not selected),
-        with the lookups of its guests' flows and of their candidate fixes."""
-        ns = known if known is not None else dataclasses.replace(
-            self._read(slot, labelled), reported=False)
+    def _host_guests(self, slot: _Slot, ns: NetnsSnapshot, guests: tuple[Guest, ...]
+                     ) -> NetnsSnapshot:
+        """On the birth namespace's worker: its snapshot with the lookups of its guests'
+        flows and of their candidate fixes."""
         devices = [g.device for g in guests]
         lookups = slot.reader.lookup.lookup(transport_flows(devices))
         snap = dataclasses.replace(ns.snapshot, lookups={**ns.snapshot.lookups, **lookups})

@@ -19,7 +19,7 @@ from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
 from wgnest.sources.udp_sockets import udp_listen_ports
 from wgnest.sources.wg_kernel import kernel_devices, open_wireguard
-from wgnest.sources.wg_uapi import uapi_devices
+from wgnest.sources.wg_uapi import PeerCache, uapi_devices
 
 T = TypeVar("T")
 COLLECTORS = ("links", "rules", "wireguard_kernel", "wireguard_uapi", "route_lookup",
@@ -38,6 +38,8 @@ class Reader:
     lookup: CachedRouteLookup = field(default_factory=CachedRouteLookup)
     open_wg: Callable[[], Any] = open_wireguard
     udp_ports: Callable[[], frozenset[tuple[int, int]]] = udp_listen_ports
+    # each userspace device's peers by their text in its last answer (see parse_uapi)
+    uapi_caches: dict[str, PeerCache] = field(default_factory=dict)
 
     def close(self) -> None:
         self.netstate.close()
@@ -77,7 +79,7 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     stale: list[Path] = []
     for uapi_dir in dict.fromkeys((reader.uapi_dir, *reader.more_uapi_dirs)):
         read = functools.partial(uapi_devices, links, uapi_dir, reader.uapi_timeout,
-                                 skip=frozenset(skip))
+                                 skip=frozenset(skip), caches=reader.uapi_caches)
         found, uerr, left = run.timed("wireguard_uapi", read) or ([], [], [])
         run.each("wireguard_uapi", uerr)
         udevs += found

@@ -30,15 +30,20 @@ class Endpoint:
     address: IPAddress
     port: int
     scope_id: int = 0
+    # its text, made once: a label and a comparison of every peer on every refresh
+    _text: str = field(default="", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        text = (f"[{self.address}]:{self.port}" if self.address.version == 6
+                else f"{self.address}:{self.port}")
+        object.__setattr__(self, "_text", text)
 
     @property
     def family(self) -> int:
         return self.address.version
 
     def __str__(self) -> str:
-        if self.address.version == 6:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return self._text
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,19 @@ class Flow:
     oif: int = 0  # only for IPv6 link-local endpoints (scope id)
     iif: int = 0  # forwarded: the link it arrives on (an input route lookup)
     src: IPAddress | None = None  # forwarded: the sender's source address
+    # A flow is a dict key several times per peer and refresh (the route cache, the
+    # snapshot's answers, the analysis): its hash is computed once, from the address's
+    # integer (ipaddress hashes hex(int(address)) on every call).
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        src = None if self.src is None else int(self.src)
+        object.__setattr__(self, "_hash", hash((int(self.dst), self.dst.version, self.mark,
+                                                self.sport, self.dport, self.oif, self.iif,
+                                                src)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 RTN_UNICAST, RTN_LOCAL = 1, 2

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from wgnest.model.host import Device, Endpoint, IPNetwork, Link
+from wgnest.model.host import Device, Endpoint, IPNetwork, Link, Peer
 from wgnest.sources.errors import SourceError, reason_for_errno
 from wgnest.sources.netns import resolve_in_root
 from wgnest.sources.peer_builder import PeerBuilder
@@ -39,6 +39,7 @@ _PEER_UINTS = {  # key -> (PeerBuilder field, maximum)
     "protocol_version": ("protocol_version", 2**32 - 1),
 }
 _PEER_KEYS = {*_PEER_UINTS, "preshared_key", "endpoint", "allowed_ip"}
+_DEVICE_KEYS = {"private_key", "own_public_key", "listen_port", "fwmark", "errno"}
 _P = 2**255 - 19
 T = TypeVar("T")
 # Every refresh reads the same public keys, endpoints and allowed IPs again: their parsed
@@ -188,8 +189,71 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuil
         raise _Bad("errno before the end of the answer")
 
 
-def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int) -> Device:
-    """Parse the answer to `get=1`; raises SourceError("parse" or "errno")."""
+class _Again(Exception):
+    """The answer is not in the shape the incremental parse takes: parse it whole."""
+
+
+# A peer's block of the answer (by its length and hash: the text itself is never kept, it
+# holds the preshared key) -> the Peer it parsed to. str hashes are keyed SipHash with a key
+# made at start: nothing outside this process can be checked against them.
+PeerCache = dict[tuple[int, int], Peer]
+
+
+def _parse_blocks(text: str, name: str, ifindex: int, mtu: int, cache: PeerCache) -> Device:
+    """The answer cut at each `public_key=` line: a peer whose block is the same text as in
+    the last answer is the same Peer (on a gateway most peers' counters and handshakes do
+    not move between two refreshes); only the others are parsed. `cache` is replaced by the
+    blocks of this answer."""
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    _check_errno(last, name)
+    parts = ("\n" + body).split("\npublic_key=")
+    dev: dict[str, str | int] = {"derived": "", "own": "", "listen_port": 0, "fwmark": 0}
+    for line in parts[0].split("\n")[1:]:
+        key, sep, value = line.partition("=")
+        if not sep or key in _PEER_KEYS:
+            raise _Again
+        _apply(key, value, dev, [])
+    fresh: PeerCache = {}
+    peers: list[Peer] = []
+    for block in parts[1:]:
+        tag = (len(block), hash(block))
+        peer = cache.get(tag)
+        if peer is None:
+            peer = _parse_block(block)
+        fresh[tag] = peer
+        peers.append(peer)
+    cache.clear()
+    cache.update(fresh)
+    return Device(name=name, ifindex=ifindex, implementation="userspace",
+                  public_key=str(dev["own"] or dev["derived"]), listen_port=int(dev["listen_port"]),
+                  fwmark=int(dev["fwmark"]), mtu=mtu, peers=tuple(peers))
+
+
+def _parse_block(block: str) -> Peer:
+    lines = block.split("\n")
+    builder = [PeerBuilder(_memo(_KEYS, lines[0], _public_key))]
+    for line in lines[1:]:
+        key, sep, value = line.partition("=")
+        uint = _PEER_UINTS.get(key)
+        if uint is not None:
+            setattr(builder[0], uint[0], _uint(value, uint[1]))
+        elif not sep or key in _DEVICE_KEYS:
+            raise _Again  # a device key among the peers, or no key=value: the whole parse says
+        else:
+            _apply(key, value, {}, builder)  # a peer key, or one unknown (ignored)
+    return builder[0].build()
+
+
+def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int,
+               cache: PeerCache | None = None) -> Device:
+    """Parse the answer to `get=1`; raises SourceError("parse" or "errno"). With `cache`
+    (kept by the caller between answers of one device), unchanged peers are not parsed
+    again; any answer that one cannot take is parsed whole, errors included."""
+    if cache is not None:
+        try:
+            return _parse_blocks(text, name, ifindex, mtu, cache)
+        except (_Again, _Bad, ValueError):
+            cache.clear()
     lines = text.rstrip("\n").split("\n")
     _check_errno(lines[-1], name)
     dev: dict[str, str | int] = {"derived": "", "own": "", "listen_port": 0, "fwmark": 0}
@@ -330,13 +394,14 @@ def socket_in_my_netns(path: Path, timeout: float) -> bool | None:
         return None
 
 
-def _read_device(path: Path, link: Link, timeout: float) -> Device | None:
+def _read_device(path: Path, link: Link, timeout: float, cache: PeerCache | None = None
+                 ) -> Device | None:
     deadline = time.monotonic() + timeout
     with _os_errors(path), _connect(path, deadline) as sock:
         if _same_netns(sock, path) is False:
             return None  # its daemon lives in another network namespace
         text = _exchange(sock, path, deadline)
-    return parse_uapi(text, name=link.name, ifindex=link.index, mtu=link.mtu)
+    return parse_uapi(text, name=link.name, ifindex=link.index, mtu=link.mtu, cache=cache)
 
 
 def _sockets(sock_dir: Path) -> list[tuple[str, Path]]:
@@ -358,16 +423,18 @@ def _sockets(sock_dir: Path) -> list[tuple[str, Path]]:
 
 
 def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: float = 1.0,
-                 skip: Collection[str] = ()
+                 skip: Collection[str] = (), caches: dict[str, PeerCache] | None = None
                  ) -> tuple[list[Device], list[SourceError], list[Path]]:
     """Read every userspace device of this netns: (devices, one error per device that
     failed, stale sockets). A socket named after a link that is no TUN device (userspace
     WireGuard always runs on one) is left over from a daemon gone: it is never connected to
-    (it could only time out or be refused, every refresh), only reported."""
+    (it could only time out or be refused, every refresh), only reported. `caches` (by
+    socket path, kept by the caller) let unchanged peers be reused (see parse_uapi)."""
     by_name = {link.name: link for link in links}
     devices: list[Device] = []
     errors: list[SourceError] = []
     stale: list[Path] = []
+    used: set[str] = set()
     for name, path in _sockets(sock_dir):
         link = by_name.get(name)
         if name in skip or link is None:
@@ -375,11 +442,18 @@ def uapi_devices(links: Sequence[Link], sock_dir: Path = SOCK_DIR, timeout: floa
         if link.kind != "tun":
             stale.append(path)
             continue
+        key = f"{path}\0{link.index}"
+        used.add(key)
+        cache = caches.setdefault(key, {}) if caches is not None else None
         try:
-            device = _read_device(path, link, timeout)
+            device = _read_device(path, link, timeout, cache)
         except SourceError as exc:
             errors.append(exc)  # logged by the refresher when it starts and ends
             continue
         if device is not None:
             devices.append(device)
+    if caches is not None:  # the peers of devices gone are let go
+        mine = f"{sock_dir}/"
+        for key in [k for k in caches if k.startswith(mine) and k not in used]:
+            del caches[key]
     return devices, errors, stale
