@@ -133,3 +133,39 @@ def test_allowed_ips_info_one_series_per_allowed_ip_sorted_fully() -> None:
     assert 'family="IPv6"' in rows[-1]
     assert 'family="IPv4"' in rows[0]
     assert 'allowed_ips="10.1.0.0/16,10.1.0.0/24,10.2.0.0/24,fd00::/64"' in text
+
+
+def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
+    """wireguard_text (lines of unchanged peers and paths reused) writes exactly what
+    exposition(wireguard_families()) writes: on every scenario of the analysis tests, cold,
+    warm, after a peer changed, a path changed and a name changed."""
+    import dataclasses
+
+    from tests.test_analysis import CASES
+    from wgnest.analysis.paths import diagnose
+    from wgnest.surfaces.metrics import LineCache, wireguard_families, wireguard_text
+
+    for _name, build, *_rest in CASES:
+        snap = build()
+        snap = dataclasses.replace(snap, taken_at=1_700_000_100.0, devices=tuple(
+            dataclasses.replace(d, peers=tuple(
+                dataclasses.replace(p, last_handshake=1_700_000_000.0 if i % 2 else 0.0,
+                                    rx_bytes=i)
+                for i, p in enumerate(d.peers))) for d in snap.devices))
+        paths = diagnose(snap)
+        names = {p.public_key: f"peer {i}" for d in snap.devices for i, p in enumerate(d.peers)}
+        cache = LineCache()
+        for _round in range(2):
+            want = exposition(wireguard_families(snap, paths, names))
+            assert wireguard_text(snap, paths, names, cache) == want
+        assert cache.peers and all(lines for _p, _n, lines in cache.peers.values())
+        # one peer's counter moves, one path is diagnosed again, one name changes
+        first = snap.devices[0]
+        moved = dataclasses.replace(first.peers[0], rx_bytes=10**12)
+        snap2 = dataclasses.replace(snap, taken_at=1_700_000_200.0, devices=(
+            dataclasses.replace(first, peers=(moved, *first.peers[1:])), *snap.devices[1:]))
+        paths2 = [dataclasses.replace(paths[0], gateway="203.0.113.254"), *paths[1:]]
+        names2 = {**names, first.peers[-1].public_key: 'renamed "x"'}
+        got = wireguard_text(snap2, paths2, names2, cache)
+        assert got == exposition(wireguard_families(snap2, paths2, names2))
+        assert b"1e+12" in got

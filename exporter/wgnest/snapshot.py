@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wgnest.analysis.fixes import fix_flows
-from wgnest.analysis.flows import transport_flows
+from wgnest.analysis.flows import transport_flow
 from wgnest.model.failures import SourceFailure
-from wgnest.model.host import Device, Flow, RouteAnswer, Snapshot
+from wgnest.model.host import Device, Flow, Peer, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
@@ -40,6 +40,9 @@ class Reader:
     udp_ports: Callable[[], frozenset[tuple[int, int]]] = udp_listen_ports
     # each userspace device's peers by their text in its last answer (see parse_uapi)
     uapi_caches: dict[str, PeerCache] = field(default_factory=dict)
+    # each peer's transport flow, kept while the same Peer comes back on the same device
+    flows: dict[tuple[str, str], tuple[Peer, int, int, Flow | None]] = field(
+        default_factory=dict)
 
     def close(self) -> None:
         self.netstate.close()
@@ -66,6 +69,26 @@ class _Run:
         self.failures.extend(exc.failure(collector) for exc in errors)
 
 
+def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
+    """The transport flows of every peer: an unchanged peer (the same Peer object, on a
+    device with the same mark and port) keeps its Flow, whose hash is already made."""
+    old, new = reader.flows, {}
+    out = []
+    for d in devices:
+        for p in d.peers:
+            key = (d.name, p.public_key)
+            hit = old.get(key)
+            if hit is not None and hit[0] is p and hit[1] == d.fwmark and hit[2] == d.listen_port:
+                flow = hit[3]
+            else:
+                flow = transport_flow(d, p)
+            new[key] = (p, d.fwmark, d.listen_port, flow)
+            if flow is not None:
+                out.append(flow)
+    reader.flows = new
+    return out
+
+
 def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     run = _Run()
     links = run.timed("links", reader.netstate.links) or []
@@ -89,7 +112,7 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     # Only kernel devices keep their socket where they were made (see HostView).
     ports = run.timed("udp_sockets", reader.udp_ports) if kdevs else None
     lookups: dict[Flow, RouteAnswer] = run.timed(
-        "route_lookup", lambda: reader.lookup.lookup(transport_flows(devices))) or {}
+        "route_lookup", lambda: reader.lookup.lookup(_flows(reader, devices))) or {}
     snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(routes), lookups, ports)
     # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
     fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}

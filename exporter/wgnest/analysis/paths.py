@@ -190,15 +190,17 @@ def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),
     depends on nothing else (direct, no endpoint, no route). A refresh of a gateway whose
     peers mostly keep their endpoints then analyses only the ones that moved."""
     view = HostView(snap)
-    reuse = _reusable(snap, previous) if previous is not None else {}
     out: list[PeerPath] = []
+    old = _Previous(snap, previous) if previous is not None else None
+    lookups = snap.lookups
     for d in snap.devices:
         static = (d.ifindex, d.implementation, d.listen_port, d.fwmark)
+        known = old if old is not None and old.devices.get(d.name) == static else None
         for p in d.peers:
-            old = reuse.get((d.name, p.public_key))
-            if old is not None and old[0] == static and old[1].endpoint == str(
-                    p.endpoint or "") and old[2] == view.answer(old[1].flow):
-                out.append(old[1])
+            path = known.path(len(out), d.name, p.public_key) if known is not None else None
+            if (known is not None and path is not None and path.endpoint == str(p.endpoint or "")
+                    and (path.flow is None or lookups.get(path.flow) == known.answer(path))):
+                out.append(path)
             else:
                 out.append(peer_path(view, d, p, allow))
     return out
@@ -207,19 +209,30 @@ def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),
 _SELF_CONTAINED = frozenset({PathVerdict.DIRECT, PathVerdict.NO_ENDPOINT, PathVerdict.NO_ROUTE})
 
 
-def _reusable(snap: Snapshot, previous: tuple[Snapshot, Sequence[PeerPath]]
-              ) -> dict[tuple[str, str], tuple[tuple[int, str, int, int], PeerPath, object]]:
-    """(device, key) -> (device fields, path, the answer it was built on), for the paths of
-    the previous snapshot that the unchanged host state lets stand."""
-    old, paths = previous
-    if (old.links, old.rules, old.main_routes, old.udp_ports) != (
-            snap.links, snap.rules, snap.main_routes, snap.udp_ports):
-        return {}
-    devices = {d.name: (d.ifindex, d.implementation, d.listen_port, d.fwmark)
-               for d in old.devices}
-    return {(p.device, p.public_key): (devices[p.device], p,
-                                       old.lookups.get(p.flow) if p.flow else None)
-            for p in paths if p.verdict in _SELF_CONTAINED and p.device in devices}
+class _Previous:
+    """The previous snapshot's paths that the unchanged host state lets stand, found by
+    position (peers usually come back in the same order) or else by (device, key)."""
+
+    def __init__(self, snap: Snapshot, previous: tuple[Snapshot, Sequence[PeerPath]]) -> None:
+        self.snap, self.paths = previous
+        old = self.snap
+        same = (old.links, old.rules, old.main_routes, old.udp_ports) == (
+            snap.links, snap.rules, snap.main_routes, snap.udp_ports)
+        self.devices = {d.name: (d.ifindex, d.implementation, d.listen_port, d.fwmark)
+                        for d in old.devices} if same else {}
+        self._index: dict[tuple[str, str], PeerPath] | None = None
+
+    def path(self, i: int, device: str, key: str) -> PeerPath | None:
+        paths = self.paths
+        found = paths[i] if i < len(paths) else None
+        if found is None or found.public_key != key or found.device != device:
+            if self._index is None:
+                self._index = {(q.device, q.public_key): q for q in paths}
+            found = self._index.get((device, key))
+        return found if found is not None and found.verdict in _SELF_CONTAINED else None
+
+    def answer(self, path: PeerPath) -> object:
+        return self.snap.lookups.get(path.flow) if path.flow is not None else None
 
 
 def parse_allow(spec: str) -> tuple[str, str]:

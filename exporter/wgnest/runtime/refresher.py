@@ -33,9 +33,11 @@ from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
 from wgnest.surfaces.metrics import (
     Health,
+    LineCache,
     exporter_families,
     netns_families,
     wireguard_families,
+    wireguard_text,
 )
 
 log = logging.getLogger(__name__)
@@ -94,10 +96,14 @@ def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> b
     return exposition(wireguard_families(snap, paths, names))
 
 
-def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str, str]
-                 ) -> bytes:
+def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str, str],
+                 cache: LineCache | None = None) -> bytes:
     if not labelled:
-        return render(views[0].snapshot, views[0].paths, names) if views else b""
+        if not views:
+            return b""
+        if cache is None:
+            return render(views[0].snapshot, views[0].paths, names)
+        return wireguard_text(views[0].snapshot, views[0].paths, names, cache)
     return exposition(netns_families([(v.name, v.path, v.snapshot, v.paths) for v in views],
                                      names))
 
@@ -137,6 +143,7 @@ class Refresher:
         self._errors_total: Counter[str] = Counter()
         self._logged: dict[tuple[str, str], str] = {}  # (collector, message) -> reason
         self._stale: tuple[str, ...] = ()
+        self._lines = LineCache()  # only the refresh thread renders
         self._collectors = (*COLLECTORS, *(("probe",) if probes else ()), "refresh")
 
     @property
@@ -165,7 +172,7 @@ class Refresher:
             views.append(NetnsView(ns.name, ns.path, snap, paths))
         own = next((v for v in views if not v.path), None)
         probes = self._probes() if self._probes is not None else None
-        body = render_views(views, host.labelled, self._names())
+        body = render_views(views, host.labelled, self._names(), self._lines)
         if probes is not None and self._probe_metrics is not None:
             body += self._probe_metrics(probes, own.name if own and host.labelled else None)
         failures = [*host.failures]

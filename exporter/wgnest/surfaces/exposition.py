@@ -110,28 +110,39 @@ def counter(name: str, doc: str, *labels: str) -> Family:
     return Family(name, "counter", doc, labels)
 
 
-def _light_text(fam: Family) -> str | None:
+def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | float], str]] | None:
+    """The family's header, and the function that writes one of its samples, exactly as
+    generate_latest() would; None when the names are outside what this fast path handles."""
     sample = fam.name + "_total" if fam.kind == "counter" else fam.name
     if not (_NAME.fullmatch(sample) and all(_LABEL.fullmatch(k) and not k.startswith("__")
                                             for k in fam.labels)):
         return None
     doc = fam.help.replace("\\", r"\\").replace("\n", r"\n")
-    out = [f"# HELP {sample} {doc}\n# TYPE {sample} {fam.kind}\n"]
+    head = f"# HELP {sample} {doc}\n# TYPE {sample} {fam.kind}\n"
     order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
     fmt = sample + "{" + ",".join(f'{fam.labels[i]}="%s"' for i in order) + "} %s\n" \
         if fam.labels else sample + " %s\n"
     go = _go_float
-    for values, value in fam.samples:
+
+    def line(values: tuple[str, ...], value: int | float) -> str:
         text = ("1.0" if value else "0.0") if value.__class__ is int and 0 <= value <= 1 \
             else go(value)
         if not values:
-            out.append(fmt % text)
-            continue
+            return fmt % text
         ordered = [values[i] for i in order]
         if _SPECIAL.search("".join(ordered)):
             ordered = [_escape(v) for v in ordered]
-        out.append(fmt % (*ordered, text))
-    return "".join(out)
+        return fmt % (*ordered, text)
+
+    return head, line
+
+
+def _light_text(fam: Family) -> str | None:
+    form = light_format(fam)
+    if form is None:
+        return None
+    head, line = form
+    return head + "".join([line(values, value) for values, value in fam.samples])
 
 
 def exposition(metrics: Iterable[Metric | Family]) -> bytes:

@@ -5,7 +5,8 @@ Names follow mdlayher/wireguard_exporter where they overlap, so existing dashboa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,7 +16,15 @@ from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
 from wgnest.model.host import IPNetwork, Peer, Snapshot
-from wgnest.surfaces.exposition import Family, counter, gauge, merged, with_label
+from wgnest.surfaces.exposition import (
+    Family,
+    counter,
+    exposition,
+    gauge,
+    light_format,
+    merged,
+    with_label,
+)
 
 DP = ("device", "public_key")
 
@@ -218,6 +227,82 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
     for reason in REASONS:  # zero-initialised: every reason has a series from the start
         errors.add_metric([reason], health.errors_total.get(reason, 0))
     yield from (success, duration, stamp, interval, stale, build, errors)
+
+
+class LineCache:
+    """The sample lines of each peer's and each path's families as last rendered: an
+    unchanged peer comes back as the same Peer object (the sources reuse it) and its path as
+    the same PeerPath (the diagnosis reuses it), so its lines are reused, not formatted
+    again. Only the handshake age, which moves with the snapshot's time, is always new."""
+
+    def __init__(self) -> None:
+        self.peers: dict[tuple[str, str], tuple[Peer, str, tuple[str, ...]]] = {}
+        self.paths: dict[tuple[str, str], tuple[PeerPath, tuple[str, ...]]] = {}
+
+
+def _formats(families: Sequence[Family]) -> list[tuple[str, Callable[..., str]]]:
+    out = []
+    for fam in families:
+        form = light_format(fam)
+        if form is None:  # (every name here is valid: never taken)
+            raise ValueError(f"family {fam.name} cannot be written by the fast path")
+        out.append(form)
+    return out
+
+
+def wireguard_text(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
+                   cache: LineCache) -> bytes:
+    """exposition(wireguard_families(snap, paths, names)), byte for byte, reusing the lines
+    of unchanged peers and paths from `cache` (which then holds this render's)."""
+    empty = dataclasses.replace(snap, devices=())
+    peer_fams = list(peer_families(empty, {}))
+    path_fams = list(path_families(()))
+    pf, qf = _formats(peer_fams), _formats(path_fams)
+    info, allowed, rx, tx, last, age = (line for _head, line in pf)
+    taken_at = snap.taken_at
+    peer_lines: list[tuple[str, ...]] = []
+    ages: list[str] = []
+    old_peers, new_peers = cache.peers, {}
+    for d in snap.devices:
+        for p in d.peers:
+            key = (d.name, p.public_key)
+            name = names.get(p.public_key, "")
+            hit = old_peers.get(key)
+            if hit is not None and hit[0] is p and hit[1] == name:
+                lines = hit[2]
+            else:
+                labels = key
+                lines = (info((*labels, str(p.endpoint or ""), name, allowed_ips_label(p)), 1),
+                         "".join([allowed((*labels, _net_text(n), FAMILY[n.version]), 1)
+                                  for n in sorted(p.allowed_ips, key=_order)]),
+                         rx(labels, p.rx_bytes), tx(labels, p.tx_bytes),
+                         last(labels, p.last_handshake))
+            new_peers[key] = (p, name, lines)
+            peer_lines.append(lines)
+            if p.last_handshake > 0:
+                ages.append(age(key, max(0.0, taken_at - p.last_handshake)))
+    cache.peers = new_peers
+    path_lines: list[tuple[str, ...]] = []
+    old_paths, new_paths = cache.paths, {}
+    for path in paths:
+        key = (path.device, path.public_key)
+        got = old_paths.get(key)
+        if got is not None and got[0] is path:
+            lines = got[1]
+        else:
+            one = list(path_families((path,)))
+            lines = tuple("".join([line(v, x) for v, x in fam.samples])
+                          for fam, (_head, line) in zip(one, qf, strict=True))
+        new_paths[key] = (path, lines)
+        path_lines.append(lines)
+    cache.paths = new_paths
+    out = [exposition(device_families(snap))]
+    for i, (head, _line) in enumerate(pf):
+        body = ages if i == 5 else [lines[i] for lines in peer_lines]
+        out.append((head + "".join(body)).encode())
+    for i, (head, _line) in enumerate(qf):
+        out.append((head + "".join([lines[i] for lines in path_lines])).encode())
+    return b"".join(out)
 
 
 def wireguard_families(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
