@@ -22,13 +22,16 @@ WGNEST = REPO / ".venv" / "bin" / "wgnest"
 WGNEST_TIMEOUT = 300.0
 
 
-def wgnest(*args: str, ns: str, timeout: float = WGNEST_TIMEOUT
+def wgnest(*args: str, ns: str | None, timeout: float = WGNEST_TIMEOUT
            ) -> subprocess.CompletedProcess[str]:
+    """`wgnest ARGS` in namespace `ns` (None: the namespace this test runs in, the guest's
+    root)."""
     return run(str(WGNEST), *args, ns=ns, check=False, timeout=timeout)
 
 
-def check_json(ns: str, config_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    """`wgnest check --format json --no-probe.enabled` in `ns`: (exit code, document)."""
+def check_json(ns: str | None, config_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    """`wgnest check --format json --no-probe.enabled` in `ns` (None: the guest's root
+    namespace): (exit code, document)."""
     res = wgnest("check", "--format", "json", "--no-probe.enabled", "--config-dir",
                  str(config_dir), *args, ns=ns)
     assert res.stdout, f"exit {res.returncode}: {res.stderr[-2000:]}"
@@ -36,8 +39,17 @@ def check_json(ns: str, config_dir: Path, *args: str) -> tuple[int, dict[str, An
 
 
 def peer_of(doc: dict[str, Any], device: str) -> dict[str, Any]:
-    (peer,) = [p for p in doc["peers"] if p["device"] == device]
-    return peer
+    found: list[dict[str, Any]] = [p for p in doc["peers"] if p["device"] == device]
+    assert len(found) == 1, (device, [p["device"] for p in doc["peers"]])
+    return found[0]
+
+
+def netns_of(doc: dict[str, Any], netns: str) -> dict[str, Any]:
+    """The entry of namespace `netns` in a `check --format json --netns ...` document (not
+    self), with its own "devices" and "peers" (peer_of works on it)."""
+    found: list[dict[str, Any]] = [n for n in doc["namespaces"] if n["netns"] == netns]
+    assert len(found) == 1, (netns, [n["netns"] for n in doc["namespaces"]])
+    return found[0]
 
 
 def link_kind(ns: str, name: str) -> str:
