@@ -74,8 +74,8 @@ class State:
     snapshot: Snapshot  # wgnest's own namespace (what the prober probes)
     paths: list[PeerPath]
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
-    body: bytes  # the WireGuard and probe families
-    exposition: bytes  # body + the exporter's health families
+    body_length: int  # the WireGuard and probe families: the exposition's first bytes
+    exposition: bytes  # those, then the exporter's health families
     # per namespace, every device and its path, reported or not: what the next diagnosis
     # can reuse
     analysed: dict[str, tuple[Snapshot, list[PeerPath]]] | None = None
@@ -83,6 +83,11 @@ class State:
     views: tuple[NetnsView, ...] = ()
     labelled: bool = False  # --netns other than self
     _gzip: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def body(self) -> bytes:
+        """The WireGuard and probe families (a copy: kept once, inside the exposition)."""
+        return self.exposition[:self.body_length]
 
     def gzipped(self) -> bytes:
         """The exposition gzip-compressed, once per refresh (on the first scrape that asks:
@@ -172,9 +177,10 @@ class Refresher:
             views.append(NetnsView(ns.name, ns.path, snap, paths))
         own = next((v for v in views if not v.path), None)
         probes = self._probes() if self._probes is not None else None
-        body = render_views(views, host.labelled, self._names(), self._lines)
+        parts = [render_views(views, host.labelled, self._names(), self._lines)]
         if probes is not None and self._probe_metrics is not None:
-            body += self._probe_metrics(probes, own.name if own and host.labelled else None)
+            parts.append(self._probe_metrics(probes, own.name if own and host.labelled
+                                             else None))
         failures = [*host.failures]
         for v in views:
             failures += [dataclasses.replace(f, netns=v.name) for f in v.snapshot.failures]
@@ -197,7 +203,9 @@ class Refresher:
         snap = own.snapshot if own is not None else Snapshot(host.taken_at)
         health = self._health(host.taken_at, tuple(failures), durations, len(stale),
                               views if host.labelled else ())
-        return State(snap, own.paths if own is not None else [], probes, body, body + health,
+        body_length = sum(len(part) for part in parts)
+        return State(snap, own.paths if own is not None else [], probes, body_length,
+                     b"".join([*parts, health]),
                      {ns.name: (ns.snapshot, analysed[ns.name]) for ns in host.namespaces},
                      tuple(views), host.labelled)
 
@@ -234,7 +242,7 @@ class Refresher:
         health = self._health(snap.taken_at, (failure,), {}, 0,
                               old.views if old is not None and old.labelled else ())
         state = State(snap, old.paths if old else [], old.probes if old else None,
-                      old.body if old else b"", (old.body if old else b"") + health,
+                      old.body_length if old else 0, (old.body if old else b"") + health,
                       old.analysed if old else None, old.views if old else (),
                       old.labelled if old else False)
         with self._lock:
