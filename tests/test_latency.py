@@ -102,3 +102,28 @@ def test_ratio_none_iff_empty_or_zero(real: list[float], direct: list[float]) ->
     r, d = median(real), median(direct)
     value = overhead_ratio(real, direct)
     assert (value is None) == (r is None or d is None or d <= 0)
+
+
+def test_peer_verdict_is_remembered_for_the_same_series_only() -> None:
+    """A peer whose series snapshots are the very same objects gets the very same verdict;
+    a new snapshot of one series (it was probed again) is judged again."""
+    import ipaddress
+
+    from wgnest.analysis.latency import peer_verdict
+    from wgnest.model.probes import ProbeTarget, SeriesSnapshot
+
+    def series(path: str, rtts: list[float]) -> SeriesSnapshot:
+        target = ProbeTarget("wg1", "K" * 43 + "=", path, ipaddress.ip_address("10.0.0.1"), 0)
+        return SeriesSnapshot(target, len(rtts), len(rtts), (), sum(rtts), tuple(rtts),
+                              len(rtts), tuple(rtts))
+
+    slow, fast = series("tunnel", noisy(0.040)), series("direct", noisy(0.010))
+    first = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 1.5, 0.005)
+    assert first.anomaly
+    again = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 1.5, 0.005)
+    assert again is first
+    healed = series("tunnel", noisy(0.010, seed=2))
+    after = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": healed, "direct": fast}, 1.5, 0.005)
+    assert not after.anomaly
+    looser = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0, 0.005)
+    assert not looser.anomaly  # another ratio: judged again
