@@ -158,7 +158,8 @@ def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
         for _round in range(2):
             want = exposition(wireguard_families(snap, paths, names))
             assert wireguard_text(snap, paths, names, cache) == want
-        assert cache.peers and all(lines for _p, _n, lines in cache.peers.values())
+        assert cache.peers
+        assert all(lines for _p, _n, lines in cache.peers.values())
         # one peer's counter moves, one path is diagnosed again, one name changes
         first = snap.devices[0]
         moved = dataclasses.replace(first.peers[0], rx_bytes=10**12)

@@ -257,3 +257,26 @@ def test_tunnel_probes_need_a_recent_handshake_and_selection_filters() -> None:
     only = probe_targets(s, diagnose(s), {}, Selection(re.compile("wg1")))
     assert {t.device for t in only.targets} == {"wg1"}
     assert only.skipped["not_selected"] == 3  # wg0's tunnel, transport and direct
+
+
+def test_planned_targets_of_unchanged_peers_are_the_same_objects() -> None:
+    from wgnest.probe.targets import TargetCache
+
+    base = host((WG0_FULL, WG1_PLAIN), wg_quick(51820), {
+        flow(EP0, 51820, 51820): UNDER4, flow(EP1, 0, 40000): UNDER4})
+    fresh = dataclasses.replace(WG0_FULL, peers=(dataclasses.replace(
+        WG0_FULL.peers[0], allowed_ips=(N("10.0.0.1/32"),), last_handshake=base.taken_at - 10),))
+    s = dataclasses.replace(base, devices=(fresh, WG1_PLAIN))
+    paths = diagnose(s)
+    cache: TargetCache = {}
+    cold = probe_targets(s, paths, {}, cache=cache)
+    assert cold == probe_targets(s, paths, {})
+    warm = probe_targets(s, paths, {}, cache=cache)
+    assert warm == cold
+    assert all(a is b for a, b in zip(warm.targets, cold.targets, strict=True))
+    # the handshake ages past three minutes: wg0's tunnel probe goes, planned again
+    later = dataclasses.replace(s, taken_at=s.taken_at + 600)
+    aged = probe_targets(later, paths, {}, cache=cache)
+    assert aged == probe_targets(later, paths, {})
+    assert "tunnel" not in {t.path for t in aged.targets}
+    assert aged.skipped["no_recent_handshake"] == 1

@@ -119,7 +119,8 @@ def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsho
     series = tuple(paths[k] for k in sorted(paths))
     hit = _VERDICTS.get((device, public_key))
     if (hit is not None and hit[1] == ratio and hit[2] == min_excess
-            and len(hit[0]) == len(series) and all(a is b for a, b in zip(hit[0], series))
+            and len(hit[0]) == len(series)
+            and all(a is b for a, b in zip(hit[0], series, strict=True))
             and tuple(sorted(paths)) == tuple(hit[3].loss)):
         return hit[3]
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)

@@ -196,15 +196,20 @@ class Prober:
     def _adopt(self, source: Sequence[ProbeTarget]) -> None:
         """Take a new target list: series of vanished targets go, new ones start at zero,
         and the flows (urgent first) are indexed once, not every round. Under the lock."""
+        if source == self._source:  # the same targets (unchanged peers keep the very objects)
+            self._source = source
+            return
         targets = {(t.device, t.public_key, t.path): t for t in source}
         for key in set(self._store) - set(targets):
             del self._store[key]  # vanished: its series disappear
         by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
         urgent: dict[ProbeFlow, bool] = {}
         for key, t in targets.items():  # new ones appear at zero before the probe
-            s = self._store.setdefault(key, _Series(t, deque(maxlen=self.window),
-                                                    deque(maxlen=self.baseline)))
-            if s.target != t:
+            s = self._store.get(key)
+            if s is None:
+                s = self._store[key] = _Series(t, deque(maxlen=self.window),
+                                               deque(maxlen=self.baseline))
+            elif s.target != t:
                 s.target, s.made = t, None
             flow = (t.address, t.mark, t.bind_device)
             by_flow.setdefault(flow, []).append(key)

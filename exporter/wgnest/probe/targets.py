@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PeerPath
-from wgnest.model.host import IPAddress, Snapshot, peer_index
+from wgnest.model.host import IPAddress, Peer, Snapshot, peer_index
 from wgnest.model.probes import ProbeTarget
 
 # (device, public key or "") -> address inside the tunnel
@@ -49,9 +49,17 @@ class TargetPlan:
     skipped: Mapping[str, int]  # reason -> targets not probed
 
 
+# A peer's targets as last planned, with what they were planned from: the same PeerPath and
+# Peer objects (an unchanged peer comes back as both) and the same choices give the same
+# targets, the very objects, so the prober sees an unchanged list at once.
+TargetCache = dict[tuple[str, str], tuple[PeerPath, Peer, tuple[object, ...],
+                                          tuple[ProbeTarget, ...], int, int]]
+
+
 def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
                   selection: Selection = Selection(),
-                  urgent: Collection[tuple[str, str]] = ()) -> TargetPlan:
+                  urgent: Collection[tuple[str, str]] = (),
+                  cache: TargetCache | None = None) -> TargetPlan:
     """Per peer with an endpoint: `tunnel` (explicit target, else its single-host allowed IP),
     `transport` (the endpoint with the device's own mark, as its UDP packets go) and
     `direct` (the endpoint as the fix would send it: with the kernel-verified fix mark, or
@@ -59,43 +67,65 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
 
     Chosen by value: no tunnel probe to a peer without a handshake in the last three
     minutes (nothing inside would answer); nested, looping and `urgent` (anomalous) peers
-    first, so a probe budget reaches them every round."""
+    first, so a probe budget reaches them every round. `cache` (kept by the caller) reuses
+    the targets of unchanged peers."""
     peers = peer_index(snap)
     first: list[ProbeTarget] = []
     rest: list[ProbeTarget] = []
     skipped = {"not_selected": 0, "no_recent_handshake": 0}
+    fresh: TargetCache = {}
     for p in paths:
-        if (found := peers.get((p.device, p.public_key))) is None:
+        key = (p.device, p.public_key)
+        if (found := peers.get(key)) is None:
             continue
         device, peer = found
         wanted = selection.wants(p.device, p.public_key)
-        hurry = p.alarming or (p.device, p.public_key) in urgent
-        out = first if hurry else rest
-        inner = explicit.get((p.device, p.public_key)) or explicit.get((p.device, ""))
-        if inner is None:
-            hosts = [n for n in peer.allowed_ips if n.prefixlen == n.max_prefixlen]
-            inner = hosts[0].network_address if len(hosts) == 1 else None
-        if inner is not None:
-            recent = peer.last_handshake > 0 and (
-                snap.taken_at - peer.last_handshake <= STALE_HANDSHAKE)
-            if not wanted:
-                skipped["not_selected"] += 1
-            elif not recent:
-                skipped["no_recent_handshake"] += 1
-            else:
-                out.append(ProbeTarget(p.device, p.public_key, "tunnel", inner, 0, "", hurry))
-        if peer.endpoint is None:
-            continue
-        if not wanted:
-            skipped["not_selected"] += 2
-            continue
-        address = peer.endpoint.address
-        out.append(ProbeTarget(p.device, p.public_key, "transport", address, device.fwmark, "",
-                               hurry))
-        mark, bind = device.fwmark, ""
-        if p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified:
-            mark = p.fix.fwmark
-        elif p.fix is not None and p.fix.resulting_egress:
-            bind = p.fix.resulting_egress  # the kernel then skips routes via other devices
-        out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark, bind, hurry))
+        hurry = p.alarming or key in urgent
+        recent = peer.last_handshake > 0 and (
+            snap.taken_at - peer.last_handshake <= STALE_HANDSHAKE)
+        choices = (wanted, hurry, recent, device.fwmark)
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] is p and hit[1] is peer and hit[2] == choices:
+            targets, not_selected, stale = hit[3], hit[4], hit[5]
+        else:
+            targets, not_selected, stale = _peer_targets(p, peer, device.fwmark, explicit,
+                                                         wanted, hurry, recent)
+        fresh[key] = (p, peer, choices, targets, not_selected, stale)
+        (first if hurry else rest).extend(targets)
+        skipped["not_selected"] += not_selected
+        skipped["no_recent_handshake"] += stale
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return TargetPlan(first + rest, skipped)
+
+
+def _peer_targets(p: PeerPath, peer: Peer, fwmark: int, explicit: Explicit, wanted: bool,
+                  hurry: bool, recent: bool) -> tuple[tuple[ProbeTarget, ...], int, int]:
+    """One peer's targets, and how many were left out (not selected, no recent handshake)."""
+    out: list[ProbeTarget] = []
+    not_selected = stale = 0
+    inner = explicit.get((p.device, p.public_key)) or explicit.get((p.device, ""))
+    if inner is None:
+        hosts = [n for n in peer.allowed_ips if n.prefixlen == n.max_prefixlen]
+        inner = hosts[0].network_address if len(hosts) == 1 else None
+    if inner is not None:
+        if not wanted:
+            not_selected += 1
+        elif not recent:
+            stale += 1
+        else:
+            out.append(ProbeTarget(p.device, p.public_key, "tunnel", inner, 0, "", hurry))
+    if peer.endpoint is None:
+        return tuple(out), not_selected, stale
+    if not wanted:
+        return tuple(out), not_selected + 2, stale
+    address = peer.endpoint.address
+    out.append(ProbeTarget(p.device, p.public_key, "transport", address, fwmark, "", hurry))
+    mark, bind = fwmark, ""
+    if p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified:
+        mark = p.fix.fwmark
+    elif p.fix is not None and p.fix.resulting_egress:
+        bind = p.fix.resulting_egress  # the kernel then skips routes via other devices
+    out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark, bind, hurry))
+    return tuple(out), not_selected, stale

@@ -13,7 +13,7 @@ from wgnest.analysis.paths import PeerPath
 from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot, ProbeTarget
 from wgnest.probe.prober import Prober
-from wgnest.probe.targets import Selection, TargetPlan, probe_targets
+from wgnest.probe.targets import Selection, TargetCache, TargetPlan, probe_targets
 
 log = logging.getLogger(__name__)
 Current = tuple[Snapshot, Sequence[PeerPath], ProbeSnapshot | None]
@@ -26,6 +26,7 @@ def make_prober(args: argparse.Namespace,
     explicit = dict(args.probe_targets)
     selection = Selection(args.probe_device, frozenset(args.probe_peers))
     last: list[tuple[Snapshot, TargetPlan]] = []  # the plan of the newest snapshot
+    kept: TargetCache = {}  # the targets of each peer, for those that did not change
 
     def plan() -> TargetPlan | None:
         """Derived once per snapshot, not once per probe round; anomalous peers (by the
@@ -39,7 +40,7 @@ def make_prober(args: argparse.Namespace,
                                       [(p.device, p.public_key) for p in paths],
                                       args.anomaly_ratio, args.anomaly_min_excess)
             urgent = {k for k, v in verdicts.items() if v.anomaly}
-            last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent))]
+            last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent, kept))]
         return last[0][1]
 
     def targets() -> list[ProbeTarget]:
