@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.lab import Lab, missing_prerequisites
+from tests.lab.lab import Lab, built, missing_prerequisites
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -21,11 +20,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """A router, a client and two wireguard-go servers; removed afterwards, always."""
-    built = Lab()
-    try:
-        built.build()
-        yield built
-    except subprocess.CalledProcessError as exc:
-        raise AssertionError(f"{exc.cmd}: {exc.stderr}") from None
-    finally:
-        built.close()
+    with built(Lab()) as made:
+        yield made

@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 UAPI_DIR = Path("/var/run/wireguard")
@@ -105,6 +105,22 @@ def missing_prerequisites() -> str:
     if not Path("/dev/net/tun").exists():
         return "lab tests need /dev/net/tun"
     return ""
+
+
+L = TypeVar("L", bound="Lab")
+
+
+@contextlib.contextmanager
+def built(lab: L, servers: int = 2) -> Iterator[L]:
+    """`lab` built, for a fixture to yield; removed afterwards, always, with everything the
+    test added. A failing command shows as an assertion with its stderr."""
+    try:
+        lab.build(servers)
+        yield lab
+    except subprocess.CalledProcessError as exc:
+        raise AssertionError(f"{exc.cmd}: {exc.stderr}") from None
+    finally:
+        lab.close()
 
 
 def genkey() -> tuple[str, str]:

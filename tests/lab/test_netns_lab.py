@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.lab.lab import UAPI_DIR, Host, run
-from tests.lab.netns_lab import Device, NetnsLab, Sample, netns_inode, select
+from tests.lab.lab import UAPI_DIR, Host, built, run
+from tests.lab.netns_lab import Device, Hidden, NetnsLab, Sample, netns_inode, select
 
 pytestmark = pytest.mark.lab
 PROMTOOL = "/usr/bin/promtool"
@@ -29,14 +29,8 @@ PROMTOOL = "/usr/bin/promtool"
 def nlab() -> Iterator[NetnsLab]:
     """The seed lab (router, client, two wireguard-go servers) to add namespaces to; removed
     afterwards, always, with every namespace, process and socket the test added."""
-    built = NetnsLab()
-    try:
-        built.build()
-        yield built
-    except subprocess.CalledProcessError as exc:
-        raise AssertionError(f"{exc.cmd}: {exc.stderr}") from None
-    finally:
-        built.close()
+    with built(NetnsLab()) as made:
+        yield made
 
 
 @dataclass
@@ -154,15 +148,21 @@ def test_lab_hidden_namespace_keeps_its_uapi_socket_private(nlab: NetnsLab) -> N
     assert dev.name not in run("wg", "show", "interfaces").stdout.split()  # not from the host
 
 
+def two_containers(lab: NetnsLab, count: int = 1) -> list[tuple[Hidden, Device]]:
+    """Two "containers" (process-only namespaces, private mounts and hostnames), each with a
+    wireguard-go device of the same name, to s1 and to s2, both answering pings."""
+    name = f"{lab.tag}d"
+    out = []
+    for i, srv in enumerate((lab.servers["s1"], lab.servers["s2"]), 1):
+        h = lab.hidden(f"k{i}", 5 + i, hostname=f"{lab.tag}-box{i}")
+        out.append((h, lab.hidden_device(h, name, srv, 30 + i)))
+        assert lab.hping(h, srv.tunnel_v4, count=count)
+    return out
+
+
 def test_lab_same_device_name_in_two_containers(nlab: NetnsLab) -> None:
-    s1, s2 = nlab.servers["s1"], nlab.servers["s2"]
-    h1 = nlab.hidden("k1", 6, hostname=f"{nlab.tag}-box1")
-    h2 = nlab.hidden("k2", 7, hostname=f"{nlab.tag}-box2")
-    name = f"{nlab.tag}d"
-    d1 = nlab.hidden_device(h1, name, s1, 31)
-    d2 = nlab.hidden_device(h2, name, s2, 32)
-    assert nlab.hping(h1, s1.tunnel_v4, count=2)
-    assert nlab.hping(h2, s2.tunnel_v4, count=2)
+    (h1, d1), (h2, d2) = two_containers(nlab, count=2)
+    name = d1.name
     for h, d in ((h1, d1), (h2, d2)):
         assert nlab.hrun(h, "hostname").stdout.strip() == h.hostname
         root = Path(f"/proc/{h.pid}/root")
@@ -430,14 +430,8 @@ def test_serve_netns_all_drops_a_deleted_namespace(nlab: NetnsLab) -> None:
 
 
 def test_serve_same_device_name_in_two_namespaces_stays_two_series(nlab: NetnsLab) -> None:
-    s1, s2 = nlab.servers["s1"], nlab.servers["s2"]
-    h1 = nlab.hidden("k1", 6, hostname=f"{nlab.tag}-box1")
-    h2 = nlab.hidden("k2", 7, hostname=f"{nlab.tag}-box2")
-    name = f"{nlab.tag}d"
-    d1 = nlab.hidden_device(h1, name, s1, 31)
-    d2 = nlab.hidden_device(h2, name, s2, 32)
-    assert nlab.hping(h1, s1.tunnel_v4)
-    assert nlab.hping(h2, s2.tunnel_v4)
+    (h1, d1), (h2, d2) = two_containers(nlab)
+    s1, s2, name = nlab.servers["s1"], nlab.servers["s2"], d1.name
     nlab.host_serve("--netns", "all", "--refresh.interval", "1s", "--no-probe.enabled")
     text, samples = wait_scrape(nlab, lambda s: len(
         select(s, "wireguard_device_info", device=name)) >= 2)

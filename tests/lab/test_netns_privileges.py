@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.lab import REPO
+from tests.lab.lab import REPO, built
 from tests.lab.netns_lab import NetnsLab, free_port, parse_metrics, select
 
 pytestmark = pytest.mark.lab
@@ -29,12 +29,8 @@ WITHOUT_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin"]
 def nlab() -> Iterator[NetnsLab]:
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to drop a capability")
-    built = NetnsLab()
-    try:
-        built.build(servers=1)
-        yield built
-    finally:
-        built.close()
+    with built(NetnsLab(), servers=1) as made:
+        yield made
 
 
 def _env() -> dict[str, str]:
