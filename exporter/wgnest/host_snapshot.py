@@ -85,6 +85,7 @@ class HostReader:
         self._deadline = deadline if deadline is not None else uapi_timeout + 1.0
         self.own = Reader(uapi_dir=uapi_dir, uapi_timeout=uapi_timeout)
         self._slots: dict[Key, _Slot] = {}
+        self._searched: set[Key] = set()  # entered to search for a moved device's socket
         # Namespaces are read in parallel, but Python runs one thread at a time: more than a
         # few at once only adds switching (20 namespaces: 240 ms at once, 150 ms four at a
         # time). A namespace stuck on a UAPI socket holds one of these, never all.
@@ -167,6 +168,7 @@ class HostReader:
         moved = [d for d in snap.devices if view.socket_elsewhere(d)]
         if not moved:
             self._keep(())
+            self._searched = set()
             return single(snap)
         here = NetnsSnapshot("", snap)
         namespaces, moves, failures = self._births({"": here}, {"": moved}, began, labelled=False)
@@ -177,7 +179,7 @@ class HostReader:
         found, errors = discover(self.spec, self._uapi_dir)
         failures = [dataclasses.replace(exc.failure("netns"), netns=ns) for ns, exc in errors]
         slots = {ns.key: self._slot(ns) for ns in found}
-        self._keep(slots)
+        self._keep(set(slots) | self._searched)
         jobs: dict[Key, Future[NetnsSnapshot]] = {}
         for key, slot in slots.items():
             if slot.pending is None:
@@ -187,19 +189,21 @@ class HostReader:
         namespaces: dict[str, NetnsSnapshot] = {}
         for key, result in got.items():
             slot = slots[key]
+            if slot.pending is not None and slot.pending.done():
+                slot.pending = None  # done: asked again next refresh; else still reading
             if isinstance(result, BaseException):
-                if not isinstance(result, SourceError) or result.reason != "timeout":
-                    slot.pending = None  # done (failed): asked again next refresh
                 failures.append(_failure(slot.ns.name, result))
                 if slot.last is not None and slot.pending is not None:
                     namespaces[slot.ns.name] = slot.last  # still reading: the previous read
                 continue
-            slot.pending, slot.last = None, result
+            slot.last = result
             namespaces[slot.ns.name] = result
         moved = {name: [d for d in ns.snapshot.devices if HostView(ns.snapshot).socket_elsewhere(d)]
                  for name, ns in namespaces.items()}
         moved = {k: v for k, v in moved.items() if v}
         moves: list[Moved] = []
+        if not moved:
+            self._searched = set()  # the namespaces only searched are let go next refresh
         if moved:
             namespaces, moves, more = self._births(namespaces, moved, began, labelled=True)
             failures += more
@@ -235,6 +239,10 @@ class HostReader:
                 failures.append(_failure(out[key].name, result))
             else:
                 out[key].ports = result
+        # kept while moved devices are searched for; a namespace gone is let go now
+        self._searched = set(out)
+        self._keep(self._searched | {s.ns.key for s in self._slots.values()
+                                     if s.ns.name in namespaces})
         return out, failures
 
     def _births(self, namespaces: dict[str, NetnsSnapshot], moved: dict[str, list[Device]],
