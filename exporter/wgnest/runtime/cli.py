@@ -15,6 +15,7 @@ from wgnest.host_snapshot import HostReader
 from wgnest.runtime.options import build_parser, netns_from, reported_from
 from wgnest.runtime.probing import measure_latency
 from wgnest.surfaces.report import (
+    netns_failures,
     render_json,
     render_json_netns,
     render_text,
@@ -45,8 +46,7 @@ def run_check(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(render_text_netns(views, host.failures, args.config_dir, latency,
                                                name, prober))
-        snap, paths = whole(views, [*host.failures, *(
-            f for _n, _p, ns_snap, _paths in views for f in ns_snap.failures)])
+        snap, paths = whole(views, netns_failures(views, host.failures))
         return int(check_result(snap, paths, latency, prober).code)
     _name, _path, snap, paths = views[0]
     if host.failures:  # where a moved device's socket could not be looked for

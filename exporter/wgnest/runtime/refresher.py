@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import gzip
 import logging
@@ -39,6 +38,7 @@ from wgnest.surfaces.metrics import (
     wireguard_families,
     wireguard_text,
 )
+from wgnest.surfaces.report import netns_failures
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,8 @@ class Refresher:
         if probes is not None and self._probe_metrics is not None:
             parts.append(self._probe_metrics(probes, own.name if own and host.labelled
                                              else None))
-        failures = [*host.failures]
-        for v in views:
-            failures += [dataclasses.replace(f, netns=v.name) for f in v.snapshot.failures]
+        failures = netns_failures([(v.name, v.path, v.snapshot, v.paths) for v in views],
+                                  host.failures)
         if probes and probes.failure:
             failures.append(probes.failure)
         durations = dict(own.snapshot.durations) if own is not None else {}

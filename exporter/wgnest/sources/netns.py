@@ -386,9 +386,5 @@ class Worker:
         self._jobs.put((future, fn))  # type: ignore[arg-type]
         return future
 
-    @property
-    def busy(self) -> bool:
-        return not self._jobs.empty()
-
     def close(self) -> None:
         self._jobs.put(None)

@@ -183,8 +183,9 @@ def whole(views: Sequence[NetnsReport], failures: Sequence[SourceFailure]
             [p for _n, _p, _snap, paths in views for p in paths])
 
 
-def _ns_failures(views: Sequence[NetnsReport], host: Sequence[SourceFailure]
-                 ) -> list[SourceFailure]:
+def netns_failures(views: Sequence[NetnsReport], host: Sequence[SourceFailure]
+                   ) -> list[SourceFailure]:
+    """The host's failures, then each namespace's, named by its namespace."""
     return [*host, *(dataclasses.replace(f, netns=name) for name, _p, snap, _paths in views
                      for f in snap.failures)]
 
@@ -194,7 +195,7 @@ def render_text_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFai
                       prober: SourceFailure | None = None) -> str:
     """One block per namespace; `latency` (of the peers of namespace `own`, the one the
     prober runs in) is shown there."""
-    snap, paths = whole(views, _ns_failures(views, failures))
+    snap, paths = whole(views, netns_failures(views, failures))
     v = check_result(snap, paths, latency, prober)
     spaces = "network namespace" if len(views) == 1 else "network namespaces"
     out = [f"WGNEST {v.code.name} - {v.summary} ({len(views)} {spaces})"]
@@ -210,7 +211,7 @@ def render_text_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFai
 def render_json_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFailure],
                       latency: Latency | None = None, own: str = "",
                       prober: SourceFailure | None = None) -> str:
-    snap, paths = whole(views, _ns_failures(views, failures))
+    snap, paths = whole(views, netns_failures(views, failures))
     v = check_result(snap, paths, latency, prober)
     namespaces = []
     for name, path, ns_snap, ns_paths in views:

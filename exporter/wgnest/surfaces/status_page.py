@@ -15,7 +15,7 @@ from wgnest.analysis.nagios import check_result
 from wgnest.analysis.paths import PathVerdict, PeerPath
 from wgnest.model.failures import SourceFailure
 from wgnest.model.host import Snapshot
-from wgnest.surfaces.report import PROOF_TEXT, latency_parts, whole
+from wgnest.surfaces.report import PROOF_TEXT, latency_parts, netns_failures, whole
 
 FOLD_ABOVE = 20  # healthy peers of a device shown unfolded up to this many
 
@@ -147,8 +147,7 @@ def render_netns(views: Sequence[tuple[str, str, Snapshot, Sequence[PeerPath]]],
                  prober: SourceFailure | None = None) -> str:
     """--netns other than self: the problems of every namespace first (device shown as
     NETNS/DEVICE), then each namespace with its devices. `latency` is namespace `own`'s."""
-    everything = [*failures, *(dataclasses.replace(f, netns=n) for n, _p, snap, _paths in views
-                              for f in snap.failures)]
+    everything = netns_failures(views, failures)
     snap, paths = whole(views, everything)
     lats = latency or {}
     v = check_result(snap, paths, latency, prober)
