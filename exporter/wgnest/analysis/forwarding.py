@@ -38,19 +38,15 @@ def address_index(namespaces: Mapping[str, NetnsSnapshot]) -> dict[str, list[tup
 
 
 def hops(namespaces: Mapping[str, NetnsSnapshot], index: Mapping[str, list[tuple[str, int]]],
-         start: str, flow: Flow, answer: RouteAnswer,
-         views: Mapping[str, HostView] | None = None) -> list[Hop]:
+         start: str, flow: Flow, answer: RouteAnswer, views: Mapping[str, HostView]
+         ) -> list[Hop]:
     """The namespaces a transport routed by `answer` in `start` is forwarded through, as far
     as the lookups asked so far tell (the last hop's answer may be None: to be asked)."""
     out: list[Hop] = []
     here, ans, sent = start, answer, flow
     seen = {start}
 
-    def tunnel(name: str, oif: int) -> bool:
-        view = views.get(name) if views is not None else None
-        return (view or HostView(namespaces[name].snapshot)).is_tunnel(oif)
-
-    while len(out) < MAX_HOPS and ans.ok and not tunnel(here, ans.oif):
+    while len(out) < MAX_HOPS and ans.ok and not views[here].is_tunnel(ans.oif):
         if not ans.gateway and not index.get(str(sent.dst)):
             break  # on-link, to no namespace read (the usual case: skip the rest)
         nxt = ans.gateway or str(sent.dst)
