@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -15,6 +16,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "lab" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen() -> Iterator[None]:
+    """A Refresher freezes what it keeps (gc.freeze, as serve wants it): no test leaves
+    objects out of the cyclic GC for the tests after it."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture

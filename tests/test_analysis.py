@@ -572,7 +572,17 @@ def test_incremental_diagnose_equals_a_fresh_one(build: Build) -> None:
     again = dataclasses.replace(s, taken_at=s.taken_at + 5)
     second = diagnose(again, (), (s, first))
     assert second == diagnose(again)
-    reused = [b is a for a, b in zip(first, second, strict=True)]
+    # nothing a path depends on changed (the same peers and answers): every path is kept
+    assert all(b is a for a, b in zip(first, second, strict=True))
+    # one peer's counters moved (a new Peer object, as the sources give it): each path is
+    # then checked on its own, and only the self-contained ones are kept as they were
+    i, d = next((i, d) for i, d in enumerate(s.devices) if d.peers)
+    busy_peer = dataclasses.replace(d.peers[0], rx_bytes=d.peers[0].rx_bytes + 1)
+    busy_device = dataclasses.replace(d, peers=(busy_peer, *d.peers[1:]))
+    busy = dataclasses.replace(again, devices=(*s.devices[:i], busy_device, *s.devices[i + 1:]))
+    third = diagnose(busy, (), (s, first))
+    assert third == diagnose(busy)
+    reused = [b is a for a, b in zip(first, third, strict=True)]
     assert reused == [p.verdict in ("direct", "no_endpoint", "no_route") for p in first]
 
 

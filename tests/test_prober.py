@@ -178,15 +178,47 @@ def test_targets_appear_at_zero_and_vanish() -> None:
 
 
 def test_window_and_histogram() -> None:
-    p = FakeProber(lambda: [target("198.18.0.2")], {})
+    p = FakeProber(lambda: [target("198.18.0.2", "transport"), target("198.18.0.3")], {})
     for _ in range(7):
         p.run_once()
-    s = p.snapshot().series["wg0", "k1", "direct"]
+    s = p.snapshot().series["wg0", "k1", "transport"]
     assert (s.sent, s.received, s.recent_sent, len(s.recent), len(s.baseline)) == (7, 7, 5, 5, 7)
     assert len(s.buckets) == len(BUCKETS)
     assert s.buckets[-1] == 7
     assert list(s.buckets) == sorted(s.buckets)
     assert s.rtt_sum == pytest.approx(sum(s.baseline))
+    direct = p.snapshot().series["wg0", "k1", "direct"]  # no verdict reads its baseline
+    assert (direct.received, len(direct.recent), len(direct.baseline)) == (7, 5, 0)
+
+
+def test_baseline_only_on_the_real_path() -> None:
+    """The tunnel path keeps a baseline, its transport then none; when the tunnel target
+    goes (no recent handshake), the transport is the real path and gets one; the window
+    and the baseline keep only their last values, oldest first, lost probes left out."""
+    plan = [target("198.18.0.2", "tunnel"), target("198.18.0.3", "transport")]
+    p = FakeProber(lambda: plan, {})
+    for _ in range(3):
+        p.run_once()
+    series = p.snapshot().series
+    assert len(series["wg0", "k1", "tunnel"].baseline) == 3
+    assert len(series["wg0", "k1", "transport"].baseline) == 0
+    plan = [target("198.18.0.3", "transport")]  # a new list: a new plan
+    for _ in range(25):
+        p.run_once()
+    s = p.snapshot().series["wg0", "k1", "transport"]
+    assert (len(s.baseline), len(s.recent)) == (20, 5)  # FakeProber: baseline 20, window 5
+    assert all(0 < x < 1 for x in s.baseline)
+
+
+def test_ring_keeps_the_last_values_in_order() -> None:
+    from wgnest.probe.prober import _Ring
+    ring = _Ring(4)
+    for x in range(1, 7):
+        ring.append(float(x))
+    assert (len(ring), list(ring.ordered())) == (4, [3.0, 4.0, 5.0, 6.0])
+    empty = _Ring(0, "f")
+    empty.append(1.0)
+    assert (len(empty), list(empty.ordered())) == (0, [])
 
 
 def test_start_stop_fake() -> None:

@@ -130,3 +130,35 @@ def test_status_page_of_a_10000_peer_gateway_puts_problems_first_and_folds() -> 
     assert 'oninput="' in page
     assert "<script src" not in page
     assert "http" not in page.split("</style>", 1)[1].split("<a href", 1)[0]
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_refresh_freezes_what_it_kept_and_a_full_collection_comes_in_turn() -> None:
+    """After each refresh its objects are out of the cyclic GC's walks (frozen); a cycle
+    made meanwhile is freed by the full collection every FULL_COLLECTION_EVERY refreshes."""
+    import gc
+    import weakref
+
+    from wgnest.runtime import refresher
+
+    r = Refresher(fixed_seed, 1.0)
+    gc.disable()  # no automatic collection meanwhile: only the refresher's own
+    try:
+        r.refresh_once()
+        assert gc.get_freeze_count() > 0
+        garbage = _Cycle()
+        gone = weakref.ref(garbage)
+        del garbage
+        r.refresh_once()  # the cycle is frozen with the rest: kept for now
+        gc.collect()
+        assert gone() is not None
+        for _ in range(refresher.FULL_COLLECTION_EVERY - 2):
+            r.refresh_once()
+        assert gone() is None  # the full collection of refresh number FULL_COLLECTION_EVERY
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -241,3 +241,45 @@ def test_persistent_event_error_ends_the_drain_and_resubscribes(code: int) -> No
     assert broken.closed
     assert cached._events is None  # a fresh subscription next time
     cached.close()
+
+
+class _CountingLookup:
+    """The kernel's side of CachedRouteLookup, answering every flow but `unanswered`."""
+
+    def __init__(self, unanswered: frozenset[Flow] = frozenset()) -> None:
+        self.asked: list[list[Flow]] = []
+        self.unanswered = unanswered
+
+    def lookup(self, flows: list[Flow]) -> dict[Flow, RouteAnswer]:
+        self.asked.append(list(flows))
+        return {f: RouteAnswer(oif=2) for f in flows if f not in self.unanswered}
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_same_flows_of_an_unchanged_cache_get_the_same_answers_dict() -> None:
+    """A refresh that asks for the same flows while nothing changed gets the very dict it
+    got last time (the diagnosis then knows no answer moved); a change, other flows or a
+    flow left unanswered give a new one."""
+    from wgnest.sources.route_lookup import CachedRouteLookup
+
+    inner = _CountingLookup(frozenset({Flow(IP("192.0.2.99"), 0, 51820, 1)}))
+    cached = CachedRouteLookup(inner)  # type: ignore[arg-type]
+    changed = [False]
+    cached._changed = lambda: changed[0]  # type: ignore[method-assign]
+    flows = [Flow(IP(f"192.0.2.{i}"), 0, 51820, 1) for i in range(1, 4)]
+    fixes = [Flow(IP("192.0.2.1"), 0xCA6C, 51820, 1)]
+    first, fix = cached.lookup(flows), cached.lookup(fixes)
+    assert cached.lookup(list(flows)) is first  # a new list of the same flows
+    assert cached.lookup(fixes) is fix  # a refresh asks twice: both are kept
+    assert len(inner.asked) == 2
+    assert cached.lookup(flows[:2]) is not first  # other flows: answered from the cache
+    assert len(inner.asked) == 2
+    changed[0] = True
+    again = cached.lookup(flows)
+    assert again is not first
+    assert (again, len(inner.asked)) == (first, 3)
+    changed[0] = False
+    gap = [*flows, Flow(IP("192.0.2.99"), 0, 51820, 1)]
+    assert cached.lookup(gap) is not cached.lookup(gap)  # asked again until it has an answer

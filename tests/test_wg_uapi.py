@@ -629,6 +629,20 @@ def test_cached_parse_equals_the_whole_parse_and_reuses_unchanged_peers() -> Non
     assert b64(PSK) not in repr(cache)
 
 
+def test_peers_come_in_key_order_whatever_the_answer_order() -> None:
+    """wireguard-go answers in Go's map order, another at each `get`: the same peers in
+    another order are the same Peer objects in the same (key) order, cached or not."""
+    head, *blocks = FULL.rstrip("\n").rsplit("\nerrno=", 1)[0].split("\npublic_key=")
+    shuffled = "\npublic_key=".join([head, *reversed(blocks)]) + "\nerrno=0\n"
+    assert len(blocks) == 3
+    cache: PeerCache = {}
+    first = parse_uapi(FULL, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    again = parse_uapi(shuffled, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    assert [p.public_key for p in first.peers] == sorted(p.public_key for p in first.peers)
+    assert all(a is b for a, b in zip(first.peers, again.peers, strict=True))
+    assert parse(shuffled) == parse(FULL) == first
+
+
 def test_cached_parse_of_a_bad_answer_fails_as_the_whole_parse() -> None:
     cache: PeerCache = {}
     parse_uapi(FULL, name="wgt0", ifindex=7, mtu=1420, cache=cache)

@@ -40,9 +40,10 @@ class Reader:
     udp_ports: Callable[[], frozenset[tuple[int, int]]] = udp_listen_ports
     # each userspace device's peers by their text in its last answer (see parse_uapi)
     uapi_caches: dict[str, PeerCache] = field(default_factory=dict)
-    # each peer's transport flow, kept while the same Peer comes back on the same device
-    flows: dict[tuple[str, str], tuple[Peer, int, int, Flow | None]] = field(
-        default_factory=dict)
+    # per device: its peers, (mark, port), their transport flows, and each peer's flow by
+    # key, kept while the same Peer comes back on the same device
+    flows: dict[str, tuple[tuple[Peer, ...], tuple[int, int], list[Flow],
+                           dict[str, tuple[Peer, Flow | None]]]] = field(default_factory=dict)
 
     def close(self) -> None:
         self.netstate.close()
@@ -71,20 +72,27 @@ class _Run:
 
 def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
     """The transport flows of every peer: an unchanged peer (the same Peer object, on a
-    device with the same mark and port) keeps its Flow, whose hash is already made."""
+    device with the same mark and port) keeps its Flow, whose hash is already made; a
+    device whose peers are all the same objects keeps its list of them at once."""
     old, new = reader.flows, {}
-    out = []
+    out: list[Flow] = []
     for d in devices:
+        before = old.get(d.name)
+        static = (d.fwmark, d.listen_port)
+        if before is not None and before[1] == static and before[0] == d.peers:
+            new[d.name] = before  # the tuples compare element by element, by identity first
+            out += before[2]
+            continue
+        known = before[3] if before is not None and before[1] == static else {}
+        flows, each = [], {}
         for p in d.peers:
-            key = (d.name, p.public_key)
-            hit = old.get(key)
-            if hit is not None and hit[0] is p and hit[1] == d.fwmark and hit[2] == d.listen_port:
-                flow = hit[3]
-            else:
-                flow = transport_flow(d, p)
-            new[key] = (p, d.fwmark, d.listen_port, flow)
+            hit = known.get(p.public_key)
+            flow = hit[1] if hit is not None and hit[0] is p else transport_flow(d, p)
+            each[p.public_key] = (p, flow)
             if flow is not None:
-                out.append(flow)
+                flows.append(flow)
+        new[d.name] = (d.peers, static, flows, each)
+        out += flows
     reader.flows = new
     return out
 
@@ -117,5 +125,5 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
     fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}
     return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.main_routes,
-                    {**lookups, **fixes}, ports, tuple(str(p) for p in stale),
+                    {**lookups, **fixes} if fixes else lookups, ports, tuple(str(p) for p in stale),
                     tuple(run.failures), run.durations)

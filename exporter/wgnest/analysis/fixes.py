@@ -78,7 +78,8 @@ def fix_flows(snap: Snapshot, devices: Sequence[Device] | None = None) -> list[F
     this one holds)."""
     view = HostView(snap)
     out: list[Flow] = []
-    if not any(a.ok and view.is_tunnel(a.oif) for a in snap.lookups.values()):
+    # (a first look over the distinct egress links: the peers are checked one by one below)
+    if not any(view.is_tunnel(oif) for oif in {a.oif for a in snap.lookups.values()}):
         return out  # no transport is routed into a tunnel: no fix to verify (the usual case)
     for device in snap.devices if devices is None else devices:
         if self_policy_routed(view, device):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -30,11 +30,13 @@ class SeriesSnapshot:
     target: ProbeTarget
     sent: int
     received: int
-    buckets: tuple[int, ...]  # cumulative counts, one per BUCKETS bound
+    buckets: Sequence[int]  # cumulative counts, one per BUCKETS bound
     rtt_sum: float  # seconds
-    recent: tuple[float, ...]  # RTTs of the last `window` probes (lost ones left out)
+    recent: Sequence[float]  # RTTs of the last `window` probes (lost ones left out)
     recent_sent: int  # probes in the window, answered or not
-    baseline: tuple[float, ...]  # RTTs of the last `baseline` answered probes
+    # RTTs of the last `baseline` answered probes (a compact array; none kept for the
+    # direct path, whose baseline no verdict reads)
+    baseline: Sequence[float]
     error: str = ""  # why the last probe to this target failed to send; silence is no error
 
     @property

@@ -115,6 +115,22 @@ def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str,
                                      names))
 
 
+FULL_COLLECTION_EVERY = 60  # refreshes between full collections (5 min at the default 5s)
+
+
+def _out_of_the_collector(refreshes: int) -> None:
+    """After a refresh, what it kept is frozen (gc.freeze): the cyclic GC, started by any
+    thread's allocations, then walks only objects made since, never the snapshot, paths and
+    lines of thousands of peers (10k peers: ~250,000 objects, a full walk ~60 ms), which
+    reference counting frees when the next refresh replaces them. A cycle among frozen
+    objects would outlive that: every FULL_COLLECTION_EVERY refreshes, one full collection
+    over everything frees such cycles."""
+    if refreshes % FULL_COLLECTION_EVERY == 0:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
+
+
 def _return_free_memory() -> None:
     """Give the memory of the previous snapshot back to the system (glibc keeps it)."""
     trim = getattr(_LIBC, "malloc_trim", None)
@@ -152,6 +168,7 @@ class Refresher:
         self._stale: tuple[str, ...] = ()
         self._lines = LineCache()  # only the refresh thread renders
         self._collectors = (*COLLECTORS, *(("probe",) if probes else ()), "refresh")
+        self._refreshes = 0
 
     @property
     def state(self) -> State | None:
@@ -163,6 +180,8 @@ class Refresher:
             state = self._build()
         with self._lock:
             self._state = state
+        self._refreshes += 1
+        _out_of_the_collector(self._refreshes)
         _return_free_memory()
         return state
 

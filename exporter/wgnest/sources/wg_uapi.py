@@ -11,6 +11,7 @@ import contextlib
 import errno as errno_mod
 import hmac
 import ipaddress
+import operator
 import os
 import re
 import socket
@@ -226,7 +227,18 @@ def _parse_blocks(text: str, name: str, ifindex: int, mtu: int, cache: PeerCache
     cache.update(fresh)
     return Device(name=name, ifindex=ifindex, implementation="userspace",
                   public_key=str(dev["own"] or dev["derived"]), listen_port=int(dev["listen_port"]),
-                  fwmark=int(dev["fwmark"]), mtu=mtu, peers=tuple(peers))
+                  fwmark=int(dev["fwmark"]), mtu=mtu, peers=_in_key_order(peers))
+
+
+def _in_key_order(peers: list[Peer]) -> tuple[Peer, ...]:
+    """wireguard-go answers in Go's map order, new at each `get`: in the order of their
+    keys, the same peers come back in the same order, and every later stage (flows, route
+    answers, paths, rendered lines) sees "unchanged" at once."""
+    peers.sort(key=_PUBLIC_KEY)
+    return tuple(peers)
+
+
+_PUBLIC_KEY = operator.attrgetter("public_key")
 
 
 def _parse_block(block: str) -> Peer:
@@ -275,7 +287,8 @@ def parse_uapi(text: str, *, name: str, ifindex: int, mtu: int,
             raise SourceError(msg, "parse") from None
     return Device(name=name, ifindex=ifindex, implementation="userspace",
                   public_key=str(dev["own"] or dev["derived"]), listen_port=int(dev["listen_port"]),
-                  fwmark=int(dev["fwmark"]), mtu=mtu, peers=tuple(p.build() for p in peers))
+                  fwmark=int(dev["fwmark"]), mtu=mtu,
+                  peers=_in_key_order([p.build() for p in peers]))
 
 
 def _remaining(deadline: float) -> float:
