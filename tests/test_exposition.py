@@ -170,3 +170,12 @@ def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
         got = wireguard_text(snap2, paths2, names2, cache)
         assert got == exposition(wireguard_families(snap2, paths2, names2))
         assert b"1e+12" in got
+        # its counter moves again, with its allowed IPs (and so its info and allowed lines)
+        import ipaddress
+        net = ipaddress.ip_network("198.51.100.0/24")
+        again = dataclasses.replace(moved, rx_bytes=7, allowed_ips=(*moved.allowed_ips, net))
+        snap3 = dataclasses.replace(snap2, devices=(
+            dataclasses.replace(first, peers=(again, *first.peers[1:])), *snap.devices[1:]))
+        got = wireguard_text(snap3, paths2, names2, cache)
+        assert got == exposition(wireguard_families(snap3, paths2, names2))
+        assert b"198.51.100.0/24" in got

@@ -668,3 +668,46 @@ def test_lean_probe_families_hold_at_most_two_rtt_series_a_peer() -> None:
         'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k2"} 0.04']
     assert "wireguard_probe_rtt_seconds" not in text
     assert 'wireguard_peer_latency_anomaly{device="wg0",public_key="k2"} 1.0' in text
+
+
+def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
+    """probe_text (the defaults' render, unchanged peers' lines reused) writes exactly what
+    exposition(probe_families(detail=False)) writes: cold, warm, after a series was probed
+    again, a peer went and one came, and with a special character in a label."""
+    import dataclasses
+
+    from wgnest.surfaces.exposition import exposition
+    from wgnest.surfaces.probe_metrics import ProbeLines, probe_text
+
+    def at(target_: ProbeTarget, rtts: list[float]) -> SeriesSnapshot:
+        return dataclasses.replace(series(target_.path, rtts, 5), target=target_)
+
+    base = {
+        ("wg0", "k1", "direct"): at(target("198.18.0.9", "direct"), [0.02] * 5),
+        ("wg0", "k1", "transport"): at(target("198.18.0.9", "transport"), [0.02] * 5),
+        ("wg0", "k2", "direct"): at(target("198.18.0.8", "direct", 51820, "k2"), [0.001] * 5),
+        ("wg0", "k2", "transport"): at(target("198.18.0.8", "transport", key="k2"), [0.04] * 5),
+        ("wg0", "k3", "tunnel"): at(target("10.0.0.3", "tunnel", key="k3"), [0.003] * 4),
+        ('w"g', "k4", "transport"): at(target("198.18.0.7", "transport", key="k4"), []),
+    }
+    cache = ProbeLines()
+
+    def same(snap: ProbeSnapshot) -> bytes:
+        got = probe_text(snap, 1.5, 0.005, cache)
+        assert got == exposition(probe_families(snap, 1.5, 0.005, detail=False))
+        return got
+
+    snap = ProbeSnapshot(base, send_errors={"eperm": 2}, flows=5, flows_per_round=5)
+    cold = same(snap)
+    kept = dict(cache.peers)
+    assert same(snap) == cold
+    assert all(cache.peers[k][2] is kept[k][2] for k in kept)  # the lines themselves, reused
+    probed = {**base, ("wg0", "k1", "transport"): at(target("198.18.0.9", "transport"),
+                                                     [0.09] * 5)}
+    del probed["wg0", "k3", "tunnel"]
+    probed["wg1", "k5", "transport"] = at(target("198.18.0.5", "transport", key="k5"), [0.2])
+    got = same(ProbeSnapshot(probed, skipped={"no_recent_handshake": 3}))
+    assert b'public_key="k3"' not in got
+    assert b'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k1"} 0.09' \
+        in got
+    assert cache.peers["wg0", "k2"][2] is kept["wg0", "k2"][2]

@@ -71,8 +71,8 @@ class _Run:
 
 
 def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
-    """The transport flows of every peer: an unchanged peer (the same Peer object, on a
-    device with the same mark and port) keeps its Flow, whose hash is already made; a
+    """The transport flows of every peer: a peer with the same endpoint object, on a
+    device with the same mark and port, keeps its Flow (whose hash is already made); a
     device whose peers are all the same objects keeps its list of them at once."""
     old, new = reader.flows, {}
     out: list[Flow] = []
@@ -87,7 +87,12 @@ def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
         flows, each = [], {}
         for p in d.peers:
             hit = known.get(p.public_key)
-            flow = hit[1] if hit is not None and hit[0] is p else transport_flow(d, p)
+            # the flow is the endpoint's (on this device): a peer whose counters or
+            # handshake moved keeps it (the UAPI parse gives an unchanged endpoint as the
+            # same object; the kernel's are compared)
+            same = hit is not None and (hit[0] is p or hit[0].endpoint is p.endpoint
+                                        or hit[0].endpoint == p.endpoint)
+            flow = hit[1] if hit is not None and same else transport_flow(d, p)
             each[p.public_key] = (p, flow)
             if flow is not None:
                 flows.append(flow)

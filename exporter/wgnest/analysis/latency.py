@@ -8,6 +8,7 @@ make single spikes and noise harmless; loss (missing samples) never flags anythi
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,23 +111,23 @@ def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio:
 # snapshot until it is probed again, so most peers come back with the very same objects and
 # their verdict (a pure function of them) is not computed again (10,000 peers: 80 ms, twice
 # a refresh). Checked by identity, never by id(): the series are held here.
-_VERDICTS: dict[tuple[str, str], tuple[tuple[SeriesSnapshot, ...], float, float, PeerLatency]] = {}
+_VERDICTS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ...], float,
+                                        float, PeerLatency]] = {}
 _VERDICTS_MAX = 1 << 17
 
 
 def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot], ratio: float,
                  min_excess: float) -> PeerLatency:
-    series = tuple(paths[k] for k in sorted(paths))
+    names, series = tuple(paths), tuple(paths.values())
     hit = _VERDICTS.get((device, public_key))
-    if (hit is not None and hit[1] == ratio and hit[2] == min_excess
-            and len(hit[0]) == len(series)
-            and all(a is b for a, b in zip(hit[0], series, strict=True))
-            and tuple(sorted(paths)) == tuple(hit[3].loss)):
-        return hit[3]
+    if (hit is not None and hit[0] == names and len(hit[1]) == len(series)
+            and all(map(operator.is_, hit[1], series)) and hit[2] == ratio
+            and hit[3] == min_excess):
+        return hit[4]
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)
     if len(_VERDICTS) >= _VERDICTS_MAX:
         _VERDICTS.clear()
-    _VERDICTS[device, public_key] = (series, ratio, min_excess, verdict)
+    _VERDICTS[device, public_key] = (names, series, ratio, min_excess, verdict)
     return verdict
 
 

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from wgnest.model.failures import SourceFailure
-from wgnest.model.probes import BUCKETS, ProbeSnapshot, ProbeTarget, SeriesKey, SeriesSnapshot
+from wgnest.model.probes import (
+    BUCKETS,
+    PATHS,
+    ProbeSnapshot,
+    ProbeTarget,
+    SeriesKey,
+    SeriesSnapshot,
+)
 from wgnest.periodic import Periodic
 from wgnest.probe.icmp import Channel, ChannelKey, IcmpChannel, Reply, system_probe_mode
 
@@ -116,6 +123,13 @@ class _Series:
         return self.made
 
 
+_RANK = {p: i for i, p in enumerate(PATHS)}
+
+
+def _series_order(key: SeriesKey) -> tuple[str, str, int]:
+    return key[0], key[1], _RANK.get(key[2], len(_RANK))
+
+
 ProbeFlow = tuple[IPv4Address | IPv6Address, int, str]  # (address, mark, device)
 Result = tuple[float | None, str]  # (rtt or None when lost, error)
 
@@ -160,6 +174,10 @@ class Prober:
                               clock)
         self._channels: dict[ChannelKey, Channel] = {}
         self._store: dict[SeriesKey, _Series] = {}
+        # every series' snapshot as last taken, and the keys probed or changed since: a
+        # snapshot of the prober copies this dict, never the 20,000 series one by one
+        self._snapped: dict[SeriesKey, SeriesSnapshot] = {}
+        self._dirty: set[SeriesKey] = set()
         self._failure: SourceFailure | None = None
         self._round_seconds = 0.0
         self._rounds = 0
@@ -178,7 +196,10 @@ class Prober:
 
     def snapshot(self) -> ProbeSnapshot:
         with self._lock:
-            series = {k: s.snapshot() for k, s in self._store.items()}
+            for key in self._dirty:
+                self._snapped[key] = self._store[key].snapshot()
+            self._dirty.clear()
+            series = dict(self._snapped)
             return ProbeSnapshot(series, self._failure, self._round_seconds, self._rounds,
                                  dict(self._send_errors), self._flows, self._per_round,
                                  dict(self._skipped()))
@@ -208,6 +229,8 @@ class Prober:
             with self._lock:
                 if self.disabled_reason:
                     self._store.clear()
+                    self._snapped.clear()
+                    self._dirty.clear()
                     self._failure = SourceFailure("probe", "disabled", self.disabled_reason)
                     return
                 if source is not self._source:  # a new plan (once per snapshot)
@@ -225,6 +248,7 @@ class Prober:
                     for key in self._by_flow.get(flow, ()):
                         if (series := self._store.get(key)) is not None:
                             series.add(*result)
+                            self._dirty.add(key)
                 self._failure = SourceFailure(
                     "probe", "eperm", "; ".join(unopened[:3]) + HINTS["eperm"]) if unopened \
                     else None
@@ -240,6 +264,8 @@ class Prober:
         targets = {(t.device, t.public_key, t.path): t for t in source}
         for key in set(self._store) - set(targets):
             del self._store[key]  # vanished: its series disappear
+            self._snapped.pop(key, None)
+            self._dirty.discard(key)
         by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
         urgent: dict[ProbeFlow, bool] = {}
         tunnelled = {(t.device, t.public_key) for t in source if t.path == "tunnel"}
@@ -255,10 +281,18 @@ class Prober:
                 s.baseline, s.made = _Ring(self.baseline, "f"), None
             if s.target != t:
                 s.target, s.made = t, None
+            if s.made is None:
+                self._dirty.add(key)
             flow = (t.address, t.mark, t.bind_device)
             by_flow.setdefault(flow, []).append(key)
             urgent[flow] = urgent.get(flow, False) or t.urgent
         self._source, self._by_flow, self._urgent = source, by_flow, urgent
+        # the snapshot's series in one order (by peer, then path), whatever the plan's
+        # (urgent peers first): every reader groups them the same way, and a peer's verdict
+        # is found again by the very same series in the same order
+        made = self._snapped
+        self._snapped = {k: made.get(k) or self._store[k].snapshot()
+                         for k in sorted(self._store, key=_series_order)}
 
     def _this_round(self) -> list[ProbeFlow]:
         """The flows of this round: all of them, or within the budget the urgent ones and

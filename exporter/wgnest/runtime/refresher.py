@@ -48,8 +48,8 @@ def _gc_paused() -> Iterator[None]:
     """The cyclic GC off (process-wide) during a refresh: it allocates about a dozen objects
     per peer, keeps most and makes no cycles, yet every 700 allocations started a collection,
     some over the whole heap (10k peers: 26 full collections in 12 refreshes instead of 1,
-    ~8 % of their CPU). Reference counting frees as usual meanwhile; the first collection
-    after the refresh covers what it allocated."""
+    ~8 % of their CPU). Reference counting frees as usual meanwhile; what the refresh kept
+    is then frozen (see _out_of_the_collector) before the GC is on again."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -178,10 +178,12 @@ class Refresher:
     def refresh_once(self) -> State:
         with _gc_paused():
             state = self._build()
-        with self._lock:
-            self._state = state
-        self._refreshes += 1
-        _out_of_the_collector(self._refreshes)
+            with self._lock:
+                self._state = state  # (the previous one is freed here)
+            self._refreshes += 1
+            # frozen before the GC is on again: the thousands of objects this refresh made
+            # would otherwise start a collection over all of them at the next allocation
+            _out_of_the_collector(self._refreshes)
         _return_free_memory()
         return state
 

@@ -27,7 +27,7 @@ from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
 from wgnest.surfaces import status_page
 from wgnest.surfaces.exposition import exposition, with_label
-from wgnest.surfaces.probe_metrics import probe_families
+from wgnest.surfaces.probe_metrics import ProbeLines, probe_families, probe_text
 
 log = logging.getLogger("wgnest")
 
@@ -92,7 +92,11 @@ class _Pages:
 
 
 def _probe_metrics(args: argparse.Namespace) -> Callable[[ProbeSnapshot, str | None], bytes]:
+    lines = ProbeLines()  # only the refresh thread renders
+
     def render(probes: ProbeSnapshot, netns: str | None) -> bytes:
+        if netns is None and not args.probe_histograms:  # the defaults: lines reused
+            return probe_text(probes, args.anomaly_ratio, args.anomaly_min_excess, lines)
         families = probe_families(probes, args.anomaly_ratio, args.anomaly_min_excess,
                                   args.probe_histograms)
         return exposition(families if netns is None else with_label(families, "netns", netns))

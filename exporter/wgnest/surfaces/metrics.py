@@ -270,6 +270,10 @@ def wireguard_text(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str
             hit = old_peers.get(key)
             if hit is not None and hit[0] is p and hit[1] == name:
                 lines = hit[2]
+            elif (hit is not None and hit[1] == name and hit[0].endpoint == p.endpoint
+                  and hit[0].allowed_ips == p.allowed_ips):  # only counters or handshake moved
+                lines = (hit[2][0], hit[2][1], rx(key, p.rx_bytes), tx(key, p.tx_bytes),
+                         last(key, p.last_handshake))
             else:
                 labels = key
                 lines = (info((*labels, str(p.endpoint or ""), name, allowed_ips_label(p)), 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -9,9 +10,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from wgnest.analysis.latency import peer_verdict
+from wgnest.analysis.latency import PeerLatency, peer_verdict
 from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
-from wgnest.surfaces.exposition import Family, counter, gauge
+from wgnest.surfaces.exposition import Family, counter, exposition, gauge, light_format
 
 DP = ["device", "public_key"]
 SEND_ERRORS = ("eperm", "unreachable", "error")  # the prober's per-target send failures
@@ -36,38 +37,44 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
                     *DPP)
     received = counter("wireguard_probe_packets_received",
                         "Matching echo replies received per peer and path.", *DPP)
-    median = gauge("wireguard_peer_rtt_seconds",
-                    "Median ICMP round-trip time of the last probes: of the path the tunnel "
-                    "really takes (tunnel, else transport) and, when it differs, of the "
-                    "direct path.", *DPP)
+    median, anomaly = _median_and_anomaly()
     over = gauge("wireguard_peer_latency_overhead_ratio",
-                  "Median RTT of the path the tunnel really takes over the direct path's; "
-                  "absent if unknown.", *DP)
-    anomaly = gauge("wireguard_peer_latency_anomaly",
-                     "1 if the tunnel is markedly slower than the direct path or than its own "
-                     "baseline.", *DP)
-    rank = {p: i for i, p in enumerate(PATHS)}
-    peers: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
-    for key, s in sorted(snap.series.items(), key=lambda kv: (kv[0][:2], rank.get(kv[0][2], 9))):
-        peers.setdefault((key[0], key[1]), {})[key[2]] = s
-        if detail:
-            buckets = [(repr(float(b)), c) for b, c in zip(BUCKETS, s.buckets, strict=True)]
-            rtt.add_metric(list(key), [*buckets, ("+Inf", s.received)], s.rtt_sum)
-            sent.add(key, s.sent)
-            received.add(key, s.received)
+                 "Median RTT of the path the tunnel really takes over the direct path's; "
+                 "absent if unknown.", *DP)
+    peers = _peer_paths(snap)
+    if detail:
+        for (device, public_key), paths in peers.items():
+            for path, s in paths.items():
+                key = (device, public_key, path)
+                buckets = [(repr(float(b)), c) for b, c in zip(BUCKETS, s.buckets, strict=True)]
+                rtt.add_metric(list(key), [*buckets, ("+Inf", s.received)], s.rtt_sum)
+                sent.add(key, s.sent)
+                received.add(key, s.received)
     for (device, public_key), paths in peers.items():
-        verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
+        verdict, samples = _peer_samples(device, public_key, paths, ratio, min_excess)
         if detail and verdict.ratio is not None:
             over.add((device, public_key), verdict.ratio)
         anomaly.add((device, public_key), int(verdict.anomaly))
-        if verdict.real_path:
-            real, direct = paths[verdict.real_path], paths.get("direct")
-            for path, series in ((verdict.real_path, real), ("direct", direct)):
-                if series is None or (path == "direct" and _same_flow(series, real)):
-                    continue
-                value = verdict.median.get(path)
-                if value is not None:
-                    median.add((device, public_key, path), value)
+        for values, value in samples:
+            median.add(values, value)
+    per_peer: tuple[Metric | Family, ...] = (
+        (rtt, sent, received, over, median, anomaly) if detail else (median, anomaly))
+    yield from (*per_peer, *_prober_families(snap))
+
+
+def _median_and_anomaly() -> tuple[Family, Family]:
+    median = gauge("wireguard_peer_rtt_seconds",
+                   "Median ICMP round-trip time of the last probes: of the path the tunnel "
+                   "really takes (tunnel, else transport) and, when it differs, of the "
+                   "direct path.", *DPP)
+    anomaly = gauge("wireguard_peer_latency_anomaly",
+                    "1 if the tunnel is markedly slower than the direct path or than its own "
+                    "baseline.", *DP)
+    return median, anomaly
+
+
+def _prober_families(snap: ProbeSnapshot) -> tuple[Family, ...]:
+    """The prober's own counters and gauges (not per peer)."""
     send_errors = counter(
         "wgnest_probe_send_errors",
         "Echo requests the kernel refused to send, by reason (eperm: filtered, e.g. a "
@@ -88,6 +95,71 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
         "reason")
     for reason in SKIP_REASONS:
         skipped.add((reason,), snap.skipped.get(reason, 0))
-    per_peer: tuple[Metric | Family, ...] = (
-        (rtt, sent, received, over, median, anomaly) if detail else (median, anomaly))
-    yield from (*per_peer, send_errors, flows, per_round, skipped)
+    return send_errors, flows, per_round, skipped
+
+
+def _peer_paths(snap: ProbeSnapshot) -> dict[tuple[str, str], dict[str, SeriesSnapshot]]:
+    """The series of each peer, peers sorted, each peer's paths in PATHS order."""
+    rank = {p: i for i, p in enumerate(PATHS)}
+    peers: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
+    for key, s in sorted(snap.series.items(), key=lambda kv: (kv[0][:2], rank.get(kv[0][2], 9))):
+        peers.setdefault((key[0], key[1]), {})[key[2]] = s
+    return peers
+
+
+def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot],
+                  ratio: float, min_excess: float
+                  ) -> tuple[PeerLatency, list[tuple[tuple[str, str, str], float]]]:
+    """The peer's verdict and its median samples: the real path and, when its flow
+    differs (a nested peer), the direct one."""
+    verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
+    medians: list[tuple[tuple[str, str, str], float]] = []
+    if verdict.real_path:
+        real, direct = paths[verdict.real_path], paths.get("direct")
+        for path, series in ((verdict.real_path, real), ("direct", direct)):
+            if series is None or (path == "direct" and _same_flow(series, real)):
+                continue
+            value = verdict.median.get(path)
+            if value is not None:
+                medians.append(((device, public_key, path), value))
+    return verdict, medians
+
+
+class ProbeLines:
+    """Each peer's median and anomaly lines as last written, with the series they were
+    written from: the prober keeps a series' snapshot until it is probed again, so most
+    peers come back with the very same objects and their lines are reused."""
+
+    def __init__(self) -> None:
+        self.peers: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ...],
+                                                str, str]] = {}
+
+
+def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: ProbeLines) -> bytes:
+    """exposition(probe_families(snap, ratio, min_excess, detail=False)), byte for byte,
+    reusing from `cache` (which then holds this render's) the lines of unchanged peers."""
+    median, anomaly = _median_and_anomaly()
+    median_form, anomaly_form = light_format(median), light_format(anomaly)
+    if median_form is None or anomaly_form is None:  # (every name here is valid: never taken)
+        raise ValueError("a probe family cannot be written by the fast path")
+    median_line, anomaly_line = median_form[1], anomaly_form[1]
+    old, fresh = cache.peers, {}
+    medians: list[str] = []
+    anomalies: list[str] = []
+    for (device, public_key), paths in _peer_paths(snap).items():
+        names, series = tuple(paths), tuple(paths.values())
+        hit = old.get((device, public_key))
+        if (hit is not None and hit[0] == names and len(hit[1]) == len(series)
+                and all(map(operator.is_, hit[1], series))):
+            lines, flag = hit[2], hit[3]
+        else:
+            verdict, samples = _peer_samples(device, public_key, paths, ratio, min_excess)
+            lines = "".join([median_line(values, value) for values, value in samples])
+            flag = anomaly_line((device, public_key), int(verdict.anomaly))
+        fresh[device, public_key] = (names, series, lines, flag)
+        medians.append(lines)
+        anomalies.append(flag)
+    cache.peers = fresh
+    return b"".join([(median_form[0] + "".join(medians)).encode(),
+                     (anomaly_form[0] + "".join(anomalies)).encode(),
+                     exposition(_prober_families(snap))])
