@@ -1,5 +1,6 @@
 """rule_from_msg on real pyroute2 fibmsg objects (built, encoded, decoded afresh), Rule's text
-and mark matching; as root, the same rules read back from a kernel in a namespace of our own."""
+and mark matching; as root, the same rules read back from a kernel in a namespace of our own,
+through wgnest's own rtnetlink dumps and through pyroute2's (both must read the same)."""
 
 from __future__ import annotations
 
@@ -96,16 +97,46 @@ def run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True)
 
 
-def test_rules_from_a_real_kernel() -> None:
+def rtnetlink_in(ns: str) -> Any:
+    """wgnest's RtNetlink with its socket in namespace `ns` (made by a thread that entered
+    it: a netlink socket stays in the namespace it was made in)."""
+    import threading
+
+    from wgnest.sources.netns import enter, ns_key
+    from wgnest.sources.rtnetlink import RtNetlink
+
+    made: list[Any] = []
+    path = f"/run/netns/{ns}"
+
+    def enter_and_open() -> None:
+        enter(path, ns_key(path))
+        made.append(RtNetlink())
+
+    thread = threading.Thread(target=enter_and_open)
+    thread.start()
+    thread.join()
+    return made[0]
+
+
+def pyroute2_in(ns: str) -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute(netns=ns)
+
+
+OPENERS = pytest.mark.parametrize("opener", [rtnetlink_in, pyroute2_in],
+                                  ids=["rtnetlink", "pyroute2"])
+
+
+@OPENERS
+def test_rules_from_a_real_kernel(opener: Any) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates a network namespace and adds rules")
     if shutil.which("ip") is None:
         pytest.skip("needs iproute2's `ip`")
-    from pyroute2 import IPRoute
-
     ns = "ns" + secrets.token_hex(2)
     run("ip", "netns", "add", ns)
-    state = NetState(lambda: IPRoute(netns=ns))
+    state = NetState(lambda: opener(ns))
     try:
         for six in ([], ["-6"]):  # what wg-quick's add_default runs
             run("ip", "-n", ns, *six, "rule", "add", "not", "fwmark", "51820", "table", "51820")
@@ -125,16 +156,15 @@ def test_rules_from_a_real_kernel() -> None:
     assert Rule(4, 32765, 51820, 1, 51820, ALL, True) in rules
 
 
-def test_every_selector_and_a_multipath_default_from_a_real_kernel() -> None:
+@OPENERS
+def test_every_selector_and_a_multipath_default_from_a_real_kernel(opener: Any) -> None:
     """Rules read back with every selector as `ip rule` prints them, and a multipath default
     route read by its first next hop (it has no RTA_OIF of its own)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: creates a network namespace, links, rules and routes")
-    from pyroute2 import IPRoute
-
     ns = "ns" + secrets.token_hex(2)
     run("ip", "netns", "add", ns)
-    state = NetState(lambda: IPRoute(netns=ns))
+    state = NetState(lambda: opener(ns))
     try:
         run("ip", "-n", ns, "link", "add", "m0", "type", "veth", "peer", "name", "m1")
         for dev in ("m0", "m1"):
@@ -159,3 +189,71 @@ def test_every_selector_and_a_multipath_default_from_a_real_kernel() -> None:
     assert "11: from 10.9.0.0/24 oif m0 goto 20" in texts
     (default,) = [r for r in routes if r.family == 4 and r.dst.prefixlen == 0]
     assert (links[default.oif], default.gateway) == ("m0", "10.9.0.2")
+
+
+def test_own_rtnetlink_reads_what_pyroute2_reads() -> None:
+    """Links (kinds, groups), addresses, every rule selector, routes of every table (a
+    multipath one, metrics, a table above 255, IPv6): wgnest's own dumps decode to exactly
+    what pyroute2's do, through NetState and read_routing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates a network namespace, links, rules and routes")
+    from wgnest.sources.routing import read_routing
+
+    ns = "ns" + secrets.token_hex(2)
+    run("ip", "netns", "add", ns)
+    ours, theirs = NetState(lambda: rtnetlink_in(ns)), NetState(lambda: pyroute2_in(ns))
+    try:
+        setup = [
+            "link add d0 type veth peer name d0p", "link add d1 type veth peer name d1p",
+            *(f"link set {d} up" for d in ("lo", "d0", "d0p", "d1", "d1p")),
+            "link set d1 group 7", "addr add 192.0.2.1/24 dev d0",
+            "addr add 192.0.2.9/24 dev d0", "addr add 198.51.100.1/24 dev d1",
+            "addr add 2001:db8::1/64 dev d0 nodad",
+            "route add default via 192.0.2.254 dev d0 mtu 1400",
+            "route add 203.0.113.0/24 nexthop via 192.0.2.2 dev d0 nexthop via 198.51.100.2 "
+            "dev d1",
+            "route add 10.0.0.0/8 dev d1 table 51820",
+            "route add default dev d1 table 100000 metric 5",
+            "-6 route add default via 2001:db8::fe dev d0",
+            "rule add not fwmark 0xca6c/0xffff table 51820 priority 100",
+            "rule add table main suppress_prefixlength 0 priority 99",
+            "rule add from 192.0.2.0/24 to 203.0.113.0/25 iif lo tos 0x10 table 100000 "
+            "priority 200",
+            "rule add oif d1 ipproto udp sport 1000-2000 dport 51820 uidrange 100-200 "
+            "table 51820 priority 300",
+            "rule add goto 300 priority 50", "rule add suppress_ifgroup 5 table main priority 400",
+            "-6 rule add not fwmark 51820 table 51820 priority 100",
+            "rule add blackhole priority 500"]
+        for line in setup:
+            run("ip", "-n", ns, *line.split())
+        for read in ("links", "rules", "main_routes", "addresses"):
+            assert getattr(ours, read)() == getattr(theirs, read)(), read
+        assert len(ours.rules()) == 13
+        routing = read_routing(lambda: rtnetlink_in(ns))
+        assert routing == read_routing(lambda: pyroute2_in(ns))
+        assert any(r.multipath for r in routing.routes)
+        assert {r.table for r in routing.routes} >= {254, 255, 51820, 100000}
+        assert any(r.mtu == 1400 for r in routing.routes)
+        assert 7 in routing.groups.values()
+    finally:
+        ours.close()
+        theirs.close()
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def test_serving_never_loads_pyroute2_without_a_kernel_wireguard_device() -> None:
+    """Its package import loads IPDB, NDB and more (24 MiB): a host of userspace devices
+    only (and `wgnest serve`'s own imports) never needs it."""
+    code = ("import sys, wgnest.runtime.serve, wgnest.runtime.cli\n"
+            "from wgnest.snapshot import Reader, take\n"
+            "reader = Reader()\n"
+            "snap = take(reader)\n"
+            "reader.close()\n"
+            "assert not any(k.startswith('wireguard') for k, *_ in snap.failures), snap\n"
+            "kernel = any(link.kind == 'wireguard' for link in snap.links)\n"
+            "print('pyroute2' in sys.modules, kernel)\n")
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    loaded, kernel = out.stdout.split()
+    assert loaded == kernel  # loaded only where a kernel WireGuard device was read

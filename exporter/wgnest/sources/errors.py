@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno as errno_mod
+import sys
 
 from wgnest.model.failures import REASONS, SourceFailure
 
@@ -28,3 +29,11 @@ def reason_for_errno(code: int | None) -> str:
     if code in (errno_mod.ETIMEDOUT, errno_mod.EAGAIN):
         return "timeout"
     return "errno"
+
+
+def netlink_errors() -> tuple[type[Exception], ...]:
+    """What a netlink read may raise: OSError, and pyroute2's NetlinkError once pyroute2 is
+    loaded (it is imported only where it runs: a process that never loaded it cannot get
+    one)."""
+    loaded = sys.modules.get("pyroute2.netlink.exceptions")
+    return (OSError,) if loaded is None else (OSError, loaded.NetlinkError)

@@ -1,4 +1,4 @@
-"""Links, policy rules (every selector) and the main table, read with pyroute2."""
+"""Links, policy rules (every selector) and the main table, read over rtnetlink."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from wgnest.model.host import IPNetwork, Link, MainRoute, Rule
-from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.errors import SourceError, netlink_errors, reason_for_errno
 from wgnest.sources.routing import route_from_msg
+from wgnest.sources.rtnetlink import RtNetlink
 
 IFF_UP = 0x1
 FIB_RULE_INVERT = 0x2
@@ -21,9 +20,7 @@ FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def _open_default() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
+    return RtNetlink()
 
 
 class NetState:
@@ -46,9 +43,9 @@ class NetState:
     def _dump(self, what: str, call: Callable[[Any], Any]) -> list[Any]:
         try:
             return list(call(self._sock()))
-        except (OSError, NetlinkError) as exc:
+        except netlink_errors() as exc:
             self.close()  # a broken socket is reopened on the next refresh
-            code = getattr(exc, "code", None) or exc.errno
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
             msg = f"netlink {what} dump failed: {exc}"
             raise SourceError(msg, reason_for_errno(code)) from None
 
@@ -104,7 +101,8 @@ def main_route_from_msg(version: int, msg: Any) -> MainRoute | None:
 
 
 def _range(value: Any) -> tuple[int, int] | None:
-    """pyroute2 decodes port and uid ranges as "low:high"."""
+    """A port or uid range: {"start", "end"}, or "low:high" as some pyroute2 versions
+    decode it."""
     if not value:
         return None
     if isinstance(value, str):

@@ -1,5 +1,6 @@
-"""Every route of every table, the interface addresses and the link groups, read with
-pyroute2: what `wgnest lint` walks the rules over for a state the kernel does not hold yet."""
+"""Every route of every table, the interface addresses and the link groups, read over
+rtnetlink: what `wgnest lint` walks the rules over for a state the kernel does not hold
+yet."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from wgnest.model.routing import Address, Route, Routing
-from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.errors import SourceError, netlink_errors, reason_for_errno
+from wgnest.sources.rtnetlink import RtNetlink
 
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 RTM_F_CLONED = 0x200
@@ -19,9 +19,7 @@ IFA_F_SECONDARY = 0x01
 
 
 def _open_default() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
+    return RtNetlink()
 
 
 def read_routing(open_ipr: Callable[[], Any] = _open_default) -> Routing:
@@ -39,8 +37,8 @@ def read_routing(open_ipr: Callable[[], Any] = _open_default) -> Routing:
         addresses = [a for msg in ipr.get_addr() if (a := address_from_msg(msg)) is not None]
         groups = {int(msg["index"]): int(msg.get_attr("IFLA_GROUP") or 0)
                   for msg in ipr.get_links()}
-    except (OSError, NetlinkError) as exc:
-        code = getattr(exc, "code", None) or exc.errno
+    except netlink_errors() as exc:
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
         raise SourceError(f"netlink route dump failed: {exc}", reason_for_errno(code)) from None
     finally:
         ipr.close()

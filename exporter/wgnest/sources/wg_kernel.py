@@ -13,10 +13,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
-
 from wgnest.model.host import Device, Endpoint, Link
-from wgnest.sources.errors import SourceError, reason_for_errno
+from wgnest.sources.errors import SourceError, netlink_errors, reason_for_errno
 from wgnest.sources.peer_builder import PeerBuilder
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def merge_dump(messages: Iterable[Any], link: Link) -> Device:
 
 
 def open_wireguard() -> Any:
-    from pyroute2 import WireGuard
+    from pyroute2 import WireGuard  # (loaded only on a host with a kernel WireGuard device)
 
     return WireGuard()
 
@@ -86,9 +84,10 @@ def kernel_devices(
         return [], []
     try:
         wg = open_wg()
-    except (OSError, NetlinkError) as exc:  # no genl family 'wireguard', or no permission
+    except netlink_errors() as exc:  # no genl family 'wireguard', or no permission
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
         raise SourceError(f"wireguard generic netlink unavailable: {exc}",
-                          reason_for_errno(getattr(exc, "code", None) or exc.errno)) from None
+                          reason_for_errno(code)) from None
     devices: list[Device] = []
     errors: list[SourceError] = []
     try:
@@ -110,15 +109,19 @@ def _interrupted(messages: Sequence[Any]) -> bool:
 
 
 def _read_one(wg: Any, link: Link) -> Device:
+    errors = netlink_errors()
+    loaded = sys.modules.get("pyroute2.netlink.exceptions")
+    interrupted: tuple[type[Exception], ...] = (
+        (loaded.NetlinkDumpInterrupted,) if loaded is not None else ())
     for _attempt in range(DUMP_RETRIES):
         try:
             messages = list(wg.info(link.name))
             if _interrupted(messages):
                 continue
             return merge_dump(messages, link)
-        except NetlinkDumpInterrupted:
+        except interrupted:
             continue
-        except (OSError, NetlinkError) as exc:
+        except errors as exc:
             code = getattr(exc, "code", None) or getattr(exc, "errno", None)
             raise SourceError(f"device {link.name}: {exc}", reason_for_errno(code)) from None
     raise SourceError(f"device {link.name}: dump changed {DUMP_RETRIES} times while read",
