@@ -38,6 +38,7 @@ from wgnest.periodic import Periodic
 from wgnest.probe.icmp import Channel, ChannelKey, IcmpChannel, Reply, system_probe_mode
 
 DRAIN_EVERY = 64  # sends between reads of the replies that arrived meanwhile
+PACE_STEP = 0.01  # seconds: paced sends go out together within this step
 SEQUENCES = 1 << 16  # ICMP sequence numbers: a round sends at most this many at once
 _TOKEN = 16  # random bytes leading each payload; the payload is 56 bytes like ping's
 HINTS = {"eperm": " (needs CAP_NET_RAW, or a gid inside net.ipv4.ping_group_range)"}
@@ -165,6 +166,8 @@ class Prober:
         self._source: Sequence[ProbeTarget] | None = None  # the target list last adopted
         self._by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
         self._urgent: dict[ProbeFlow, bool] = {}  # every flow, in target order: urgent?
+        # the urgent flows and the others, in that order: made from _urgent once per plan
+        self._split: tuple[list[ProbeFlow], list[ProbeFlow]] | None = None
         self.window, self.baseline, self._clock = window, baseline, clock
         self._raw, self.disabled_reason = system_probe_mode(privileged)
         self._ident = random.getrandbits(16)  # ours alone: concurrent Probers never collide
@@ -287,6 +290,7 @@ class Prober:
             by_flow.setdefault(flow, []).append(key)
             urgent[flow] = urgent.get(flow, False) or t.urgent
         self._source, self._by_flow, self._urgent = source, by_flow, urgent
+        self._split = None
         # the snapshot's series in one order (by peer, then path), whatever the plan's
         # (urgent peers first): every reader groups them the same way, and a peer's verdict
         # is found again by the very same series in the same order
@@ -305,11 +309,15 @@ class Prober:
         if budget == len(ordered):
             chosen = list(ordered)
         else:
-            first = [f for f, urgent in ordered.items() if urgent][:budget]
-            rest = [f for f, urgent in ordered.items() if not urgent]
+            if self._split is None:  # (once per plan, not per round)
+                self._split = ([f for f, urgent in ordered.items() if urgent],
+                               [f for f, urgent in ordered.items() if not urgent])
+            urgent_flows, rest = self._split
+            first = urgent_flows[:budget]
             take = budget - len(first)
             start = self._cursor % len(rest) if rest else 0
-            chosen = first + (rest + rest)[start:start + min(take, len(rest))]
+            end = start + min(take, len(rest))
+            chosen = first + rest[start:end] + rest[:max(0, end - len(rest))]
             self._cursor = start + take
         return sorted(chosen, key=lambda f: (f[0].version, int(f[0]), f[1], f[2]))
 
@@ -320,9 +328,12 @@ class Prober:
         With `paced_from`, the sends are spread at --probe.max-rate from that time on."""
         pending: dict[tuple[ChannelKey, int], _Pending] = {}
         stop = self._loop.stopping if self._loop.on_this_thread() else None
+        # a few sends together every PACE_STEP, not one wake-up per send (500/s: 100)
+        burst = max(1, int((self.max_rate or 0) * PACE_STEP))
+        tokens = os.urandom(_TOKEN * len(flows))  # one read of the system's randomness
         for count, flow in enumerate(flows, 1):
             if paced_from is not None and self.max_rate:
-                due = paced_from + (count - 1) / self.max_rate
+                due = paced_from + (count - 1) // burst * burst / self.max_rate
                 while (left := due - self._clock()) > 0 and not (stop and stop.is_set()):
                     self._wait_replies(used, pending, results, left)
             elif count % DRAIN_EVERY == 0:  # read what came back so far: the buffer never fills
@@ -339,7 +350,7 @@ class Prober:
             self._channels[key] = ch
             used.add(key)
             self._seq = (self._seq + 1) & 0xFFFF
-            token, mono = os.urandom(_TOKEN), self._clock()
+            token, mono = tokens[(count - 1) * _TOKEN:count * _TOKEN], self._clock()
             try:
                 wall = ch.send(str(flow[0]), self._ident, self._seq, token + bytes(56 - _TOKEN))
             except OSError as e:  # unreachable or filtered: sent and lost, this target's fact
