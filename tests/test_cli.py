@@ -132,6 +132,36 @@ def test_library_loggers_stay_quiet_at_debug() -> None:
         assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING, name
 
 
+def test_library_debug_stays_out_even_when_the_library_resets_its_level() -> None:
+    """pyroute2 sets its logger's level to 0 when it is imported, which now happens after
+    the logging is set up (only for a kernel WireGuard device): its debug lines (decoded
+    replies, private keys among them) still never reach the log; wgnest's own do."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from wgnest.runtime.cli import configure_logging\n"
+            "configure_logging('debug')\n"
+            "logging.getLogger('pyroute2').setLevel(0)\n"
+            "logging.getLogger('pyroute2.netlink.core').debug('WGDEVICE_A_PRIVATE_KEY')\n"
+            "logging.getLogger('pyroute2').warning('a pyroute2 warning')\n"
+            "logging.getLogger('wgnest.sources').debug('wgnest debug')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "PRIVATE_KEY" not in out.stderr
+    assert "a pyroute2 warning" in out.stderr
+    assert "wgnest debug" in out.stderr
+
+
+def test_pyroute2_is_loaded_up_front_only_where_the_kernel_has_wireguard(
+        tmp_path: Path) -> None:
+    from wgnest.sources.wg_kernel import preload_kernel_wireguard
+
+    assert preload_kernel_wireguard(tmp_path / "absent") is False
+    assert preload_kernel_wireguard(tmp_path) is True  # (a module directory: it is loaded)
+
+
 def test_version_names_python_and_every_dependency(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["--version"])

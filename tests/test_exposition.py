@@ -179,3 +179,39 @@ def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
         got = wireguard_text(snap3, paths2, names2, cache)
         assert got == exposition(wireguard_families(snap3, paths2, names2))
         assert b"198.51.100.0/24" in got
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70),
+                 st.sampled_from([0.0, -0.0, 1e6, 999999.0, 1234567.0, 1e7, 10000000.5,
+                                  123456789012345.6, 1234567890123456.0, 1e16, 1e22,
+                                  5e-324, 0.1, 1.5e-7, 2**53, -1234567.0])))
+def test_sample_values_are_written_as_prometheus_client_writes_them(value: float) -> None:
+    from prometheus_client.utils import floatToGoString
+
+    from wgnest.surfaces.exposition import _go_float
+
+    assert _go_float(value) == floatToGoString(value)
+
+
+def test_serving_never_imports_prometheus_client() -> None:
+    """Its package loads its HTTP servers, urllib and more (4 MiB): the exposition is written
+    by wgnest; the content type it is served with is prometheus_client's."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from wgnest.runtime.web import CONTENT_TYPE
+
+    assert CONTENT_TYPE.decode() == CONTENT_TYPE_LATEST
+    code = ("import sys, wgnest.runtime.serve, wgnest.runtime.cli\n"
+            "from wgnest.runtime.refresher import Refresher\n"
+            "from wgnest.model.host import Snapshot\n"
+            "state = Refresher(lambda: Snapshot(1.0), 5.0).refresh_once()\n"
+            "assert b'wgnest_collector_success' in state.exposition\n"
+            "print('prometheus_client' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split() == ["False"]

@@ -14,6 +14,7 @@ from wgnest.analysis.selection import reported
 from wgnest.host_snapshot import HostReader
 from wgnest.runtime.options import build_parser, netns_from, reported_from
 from wgnest.runtime.probing import measure_latency
+from wgnest.sources.wg_kernel import preload_kernel_wireguard
 from wgnest.surfaces.report import (
     netns_failures,
     render_json,
@@ -70,10 +71,25 @@ def configure_logging(level: str) -> None:
     floor = max(logging.WARNING, logging.getLevelName(level.upper()))
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(floor)
+    # and on the handlers too: pyroute2 sets its logger's level to 0 when it is imported,
+    # which may be after this (it is imported only for a kernel WireGuard device)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries(floor))
+
+
+class _QuietLibraries(logging.Filter):
+    def __init__(self, floor: int) -> None:
+        super().__init__()
+        self.floor = floor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= self.floor
+                or record.name.partition(".")[0] not in QUIET_LIBRARIES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
+    preload_kernel_wireguard()  # not in a read's deadline: importing pyroute2 takes a while
     configure_logging(args.log_level)
     try:
         if args.command == "check":

@@ -50,7 +50,6 @@ from typing import Protocol
 
 import bcrypt
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, bcrypt_problem, build_ssl_context
 
@@ -80,6 +79,10 @@ _WRITE_CHUNK = 256 * 1024
 _LINGER_BYTES = 256 * 1024
 _FD_RESERVE = 256  # descriptors left for everything else in the process
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+# the text format's content type, as prometheus_client names it (CONTENT_TYPE_LATEST,
+# tested equal): written here so serving never imports it
+CONTENT_TYPE = b"text/plain; version=1.0.0; charset=utf-8"
 
 
 def accepts_gzip(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -660,7 +663,7 @@ class _App:
         ctype = b"text/plain; charset=utf-8"
         try:
             if path == self.telemetry_path:
-                status, body, ctype = 200, self.handlers.metrics(), CONTENT_TYPE_LATEST.encode()
+                status, body, ctype = 200, self.handlers.metrics(), CONTENT_TYPE
                 gzipped = getattr(self.handlers, "metrics_gzip", None)
                 if gzipped is not None and accepts_gzip(req.headers):
                     # compressed once per refresh, in a thread, never per scrape

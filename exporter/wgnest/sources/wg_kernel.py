@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from wgnest.model.host import Device, Endpoint, Link
@@ -67,6 +68,17 @@ def merge_dump(messages: Iterable[Any], link: Link) -> Device:
         listen_port=int(listen_port), fwmark=int(fwmark), mtu=link.mtu,
         peers=tuple(p.build() for p in peers.values()),
     )
+
+
+def preload_kernel_wireguard(module: Path = Path("/sys/module/wireguard")) -> bool:
+    """Import pyroute2's WireGuard now if this kernel has WireGuard (its module is loaded
+    or built in): True if so. Importing it takes a while (a slow machine: seconds), which
+    must not come out of the first read's deadline; a kernel without it never loads it."""
+    if not module.is_dir():
+        return False
+    from pyroute2 import WireGuard  # noqa: F401
+
+    return True
 
 
 def open_wireguard() -> Any:

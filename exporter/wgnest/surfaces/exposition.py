@@ -10,14 +10,14 @@ tests compare byte for byte."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+if TYPE_CHECKING:  # prometheus_client is imported only where its objects are made
+    from prometheus_client.core import Metric
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -26,15 +26,37 @@ _TYPES = {"counter": ("_total", "counter"), "info": ("_info", "gauge"),
           "stateset": ("", "gauge"), "gaugehistogram": ("", "histogram"),
           "unknown": ("", "untyped")}
 _OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")
-_go_float: Callable[[float], str] = floatToGoString
 
 
-class _One(Collector):
-    def __init__(self, metric: Metric) -> None:
-        self.metric = metric
+def _go_float(value: float) -> str:
+    """A sample value as prometheus_client's text format writes it (its floatToGoString,
+    tested equal): Python's shortest repr, except the special values and a positive number
+    of seven or more integer digits, which get Go's exponent form (1234567.0 ->
+    1.234567e+06). Written here so serving never imports prometheus_client (its package
+    loads its HTTP servers, urllib and more: 4 MiB)."""
+    x = float(value)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    text = repr(x)
+    point = text.find(".")
+    if x <= 0 or point <= 6:
+        return text
+    digits = text[:point] + text[point + 1:]
+    mantissa = (digits[0] + "." + digits[1:]).rstrip("0").rstrip(".")
+    return f"{mantissa}e+{point - 1:02d}"
 
-    def collect(self) -> Iterator[Metric]:
-        yield self.metric
+
+def _generate_latest(metric: Metric) -> bytes:
+    """prometheus_client's own writing of one family (what the fast path leaves)."""
+    from prometheus_client import generate_latest
+
+    class One:
+        def collect(self) -> Iterable[Metric]:
+            yield metric
+
+    return generate_latest(One())
 
 
 def _escape(value: str) -> str:
@@ -95,6 +117,8 @@ class Family:
         self.samples.append((values, value))
 
     def as_metric(self) -> Metric:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
         metric = cls(self.name, self.help, labels=list(self.labels))
         for values, value in self.samples:
@@ -159,7 +183,7 @@ def exposition(metrics: Iterable[Metric | Family]) -> bytes:
                 continue
             metric = metric.as_metric()
         text = _family_text(metric)
-        out.append(text.encode() if text is not None else generate_latest(_One(metric)))
+        out.append(text.encode() if text is not None else _generate_latest(metric))
     return b"".join(out)
 
 
@@ -178,6 +202,8 @@ def with_label(families: Iterable[Metric | Family], label: str, value: str
             out.append(Family(fam.name, fam.kind, fam.help, (label, *fam.labels),
                               [((value, *v), x) for v, x in fam.samples]))
             continue
+        from prometheus_client.core import Metric
+
         copy = Metric(fam.name, fam.documentation, fam.type, fam.unit)
         copy.samples = [s._replace(labels={label: value, **s.labels}) for s in fam.samples]
         out.append(copy)

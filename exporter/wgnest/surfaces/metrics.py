@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING
 
 from wgnest import __version__
 from wgnest.analysis.fixes import FixKind
@@ -25,6 +24,9 @@ from wgnest.surfaces.exposition import (
     merged,
     with_label,
 )
+
+if TYPE_CHECKING:  # (prometheus_client's objects only where it is imported)
+    from prometheus_client.core import Metric
 
 DP = ("device", "public_key")
 
@@ -177,17 +179,17 @@ class Health:
     netns_durations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
-def _collector_families(health: Health) -> tuple[Metric, Metric]:
-    labels = ["collector", "netns"] if health.namespaces else ["collector"]
-    success = GaugeMetricFamily("wgnest_collector_success",
-                                "1 if the collector worked in the last refresh.", labels=labels)
-    duration = GaugeMetricFamily("wgnest_collector_duration_seconds",
-                                 "Time the collector took in the last refresh.", labels=labels)
+def _collector_families(health: Health) -> tuple[Family, Family]:
+    labels = ("collector", "netns") if health.namespaces else ("collector",)
+    success = gauge("wgnest_collector_success",
+                    "1 if the collector worked in the last refresh.", *labels)
+    duration = gauge("wgnest_collector_duration_seconds",
+                     "Time the collector took in the last refresh.", *labels)
     if not health.namespaces:
         failed = failed_collectors(health.failures)
         for c in health.collectors:
-            success.add_metric([c], 0 if c in failed else 1)
-            duration.add_metric([c], health.durations.get(c, 0.0))
+            success.add((c,), 0 if c in failed else 1)
+            duration.add((c,), health.durations.get(c, 0.0))
         return success, duration
     host = [c for c in health.collectors if c in ("probe", "refresh")]
     per_ns = [c for c in health.collectors if c not in host]
@@ -197,35 +199,33 @@ def _collector_families(health: Health) -> tuple[Metric, Metric]:
                                                       if f.collector == "netns")]))
     for ns in names:
         for c in ("netns", *per_ns) if ns in health.namespaces else ("netns",):
-            success.add_metric([c, ns], 0 if (c, ns) in failed_in else 1)
-            duration.add_metric([c, ns], health.netns_durations.get(ns, {}).get(c, 0.0))
+            success.add((c, ns), 0 if (c, ns) in failed_in else 1)
+            duration.add((c, ns), health.netns_durations.get(ns, {}).get(c, 0.0))
     for c in host:
-        success.add_metric([c, ""], 0 if (c, "") in failed_in else 1)
-        duration.add_metric([c, ""], health.durations.get(c, 0.0))
+        success.add((c, ""), 0 if (c, "") in failed_in else 1)
+        duration.add((c, ""), health.durations.get(c, 0.0))
     return success, duration
 
 
-def exporter_families(taken_at: float, health: Health) -> Iterator[Metric]:
+def exporter_families(taken_at: float, health: Health) -> Iterator[Family]:
     success, duration = _collector_families(health)
-    stamp = GaugeMetricFamily("wgnest_snapshot_timestamp_seconds",
-                              "Unix time of the snapshot these metrics describe; it stops "
-                              "advancing while refreshes fail.")
-    stamp.add_metric([], taken_at)
-    stale = GaugeMetricFamily(
+    stamp = gauge("wgnest_snapshot_timestamp_seconds",
+                  "Unix time of the snapshot these metrics describe; it stops "
+                  "advancing while refreshes fail.")
+    stamp.add((), taken_at)
+    stale = gauge(
         "wgnest_uapi_stale_sockets",
         "UAPI sockets named after a link that is no TUN device (left over by a daemon gone); "
         "never read.")
-    stale.add_metric([], health.stale_sockets)
-    interval = GaugeMetricFamily("wgnest_refresh_interval_seconds",
-                                 "Seconds between refreshes (--refresh.interval).")
-    interval.add_metric([], health.refresh_interval)
-    build = GaugeMetricFamily("wgnest_build_info", "wgnest version (value 1).",
-                              labels=["version"])
-    build.add_metric([__version__], 1)
-    errors = CounterMetricFamily("wgnest_errors", "Collector failures by reason, since start.",
-                                 labels=["reason"])
+    stale.add((), health.stale_sockets)
+    interval = gauge("wgnest_refresh_interval_seconds",
+                     "Seconds between refreshes (--refresh.interval).")
+    interval.add((), health.refresh_interval)
+    build = gauge("wgnest_build_info", "wgnest version (value 1).", "version")
+    build.add((__version__,), 1)
+    errors = counter("wgnest_errors", "Collector failures by reason, since start.", "reason")
     for reason in REASONS:  # zero-initialised: every reason has a series from the start
-        errors.add_metric([reason], health.errors_total.get(reason, 0))
+        errors.add((reason,), health.errors_total.get(reason, 0))
     yield from (success, duration, stamp, interval, stale, build, errors)
 
 

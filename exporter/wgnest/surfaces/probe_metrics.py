@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
-
-from prometheus_client.core import (
-    HistogramMetricFamily,
-    Metric,
-)
+from typing import TYPE_CHECKING
 
 from wgnest.analysis.latency import PeerLatency, peer_verdict
 from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
 from wgnest.surfaces.exposition import Family, counter, exposition, gauge, light_format
+
+if TYPE_CHECKING:  # prometheus_client is imported only for --probe.histograms
+    from prometheus_client.core import Metric
 
 DP = ["device", "public_key"]
 SEND_ERRORS = ("eperm", "unreachable", "error")  # the prober's per-target send failures
@@ -31,6 +30,8 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
     (a nested peer), of the direct path: at most 2 series a peer, and the anomaly verdict.
     With `detail` (--probe.histograms) also a histogram and sent/received counters on every
     path and the overhead ratio (about 60 series a peer)."""
+    from prometheus_client.core import HistogramMetricFamily  # (only --probe.histograms)
+
     rtt = HistogramMetricFamily("wireguard_probe_rtt_seconds",
                                 "ICMP echo round-trip time per peer and path.", labels=DPP)
     sent = counter("wireguard_probe_packets_sent", "Echo requests sent per peer and path.",
