@@ -57,33 +57,35 @@ def _reason(err: OSError) -> str:
 class _Ring:
     """The last `size` values in a flat array (8 bytes each for "d", 4 for "f"), where a
     deque would hold a float object and a pointer each (a gateway's 30,000 series with 300
-    RTTs each: 2.4 KB instead of about 10 KB per series)."""
+    RTTs each: 2.4 KB instead of about 10 KB per series). The array grows to `size` as
+    values come (a gateway's series are probed every minute or so: a full baseline takes
+    hours), then the oldest value is overwritten."""
 
-    __slots__ = ("_full", "_next", "_values")
+    __slots__ = ("_next", "_size", "_values")
 
     def __init__(self, size: int, typecode: str = "d") -> None:
-        self._values: array[float] = array(typecode, [0.0] * size)
-        self._next, self._full = 0, False
+        self._values: array[float] = array(typecode)
+        self._size, self._next = size, 0  # _next: where the next value goes once full
 
     def __len__(self) -> int:
-        return len(self._values) if self._full else self._next
+        return len(self._values)
 
     @property
     def size(self) -> int:
-        return len(self._values)
+        return self._size
 
     def append(self, value: float) -> None:
-        if not self._values:
-            return
-        self._values[self._next] = value
-        self._next += 1
-        if self._next == len(self._values):
-            self._next, self._full = 0, True
+        values = self._values
+        if len(values) < self._size:
+            values.append(value)
+        elif self._size:
+            values[self._next] = value
+            self._next = (self._next + 1) % self._size
 
     def ordered(self) -> array[float]:
         """A copy, oldest first."""
         v, i = self._values, self._next
-        return v[i:] + v[:i] if self._full else v[:i]
+        return v[i:] + v[:i]
 
 
 LOST = math.nan  # a probe of the window that had no answer
