@@ -136,9 +136,7 @@ def test_library_debug_stays_out_even_when_the_library_resets_its_level() -> Non
     """pyroute2 sets its logger's level to 0 when it is imported, which now happens after
     the logging is set up (only for a kernel WireGuard device): its debug lines (decoded
     replies, private keys among them) still never reach the log; wgnest's own do."""
-    import os
-    import subprocess
-    import sys
+    from tests.fresh_python import run_fresh
 
     code = ("import logging\n"
             "from wgnest.runtime.cli import configure_logging\n"
@@ -147,8 +145,7 @@ def test_library_debug_stays_out_even_when_the_library_resets_its_level() -> Non
             "logging.getLogger('pyroute2.netlink.core').debug('WGDEVICE_A_PRIVATE_KEY')\n"
             "logging.getLogger('pyroute2').warning('a pyroute2 warning')\n"
             "logging.getLogger('wgnest.sources').debug('wgnest debug')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = run_fresh(code)
     assert "PRIVATE_KEY" not in out.stderr
     assert "a pyroute2 warning" in out.stderr
     assert "wgnest debug" in out.stderr

@@ -197,12 +197,9 @@ def test_sample_values_are_written_as_prometheus_client_writes_them(value: float
 def test_serving_never_imports_prometheus_client() -> None:
     """Its package loads its HTTP servers, urllib and more (4 MiB): the exposition is written
     by wgnest; the content type it is served with is prometheus_client's."""
-    import os
-    import subprocess
-    import sys
-
     from prometheus_client import CONTENT_TYPE_LATEST
 
+    from tests.fresh_python import run_fresh
     from wgnest.runtime.web import CONTENT_TYPE
 
     assert CONTENT_TYPE.decode() == CONTENT_TYPE_LATEST
@@ -212,6 +209,4 @@ def test_serving_never_imports_prometheus_client() -> None:
             "state = Refresher(lambda: Snapshot(1.0), 5.0).refresh_once()\n"
             "assert b'wgnest_collector_success' in state.exposition\n"
             "print('prometheus_client' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.stdout.split() == ["False"]
+    assert run_fresh(code).stdout.split() == ["False"]

@@ -244,6 +244,8 @@ def test_own_rtnetlink_reads_what_pyroute2_reads() -> None:
 def test_serving_never_loads_pyroute2_without_a_kernel_wireguard_device() -> None:
     """Its package import loads IPDB, NDB and more (24 MiB): a host of userspace devices
     only (and `wgnest serve`'s own imports) never needs it."""
+    from tests.fresh_python import run_fresh
+
     code = ("import sys, wgnest.runtime.serve, wgnest.runtime.cli\n"
             "from wgnest.snapshot import Reader, take\n"
             "reader = Reader()\n"
@@ -252,8 +254,5 @@ def test_serving_never_loads_pyroute2_without_a_kernel_wireguard_device() -> Non
             "assert not any(k.startswith('wireguard') for k, *_ in snap.failures), snap\n"
             "kernel = any(link.kind == 'wireguard' for link in snap.links)\n"
             "print('pyroute2' in sys.modules, kernel)\n")
-    import sys
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    loaded, kernel = out.stdout.split()
+    loaded, kernel = run_fresh(code).stdout.split()
     assert loaded == kernel  # loaded only where a kernel WireGuard device was read
