@@ -162,3 +162,16 @@ def test_a_refresh_freezes_what_it_kept_and_a_full_collection_comes_in_turn() ->
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_serve_limits_the_malloc_arenas_where_glibc_takes_it() -> None:
+    """mallopt(M_ARENA_MAX, 2) as serve starts (before any thread): glibc accepts it."""
+    import ctypes.util
+
+    from tests.fresh_python import run_fresh
+
+    if ctypes.util.find_library("c") != "libc.so.6":
+        pytest.skip("not glibc: no mallopt to ask")
+    code = ("from wgnest.runtime.refresher import limit_malloc_arenas\n"
+            "print(limit_malloc_arenas())\n")
+    assert run_fresh(code).stdout.split() == ["True"]

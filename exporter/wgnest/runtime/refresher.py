@@ -143,6 +143,18 @@ try:
 except OSError:  # not glibc
     _LIBC = None
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> bool:
+    """At most MALLOC_ARENAS glibc malloc arenas (as MALLOC_ARENA_MAX=2 would), before any
+    thread starts: each thread (refresh, prober, web) otherwise gets an arena of its own, and
+    the memory freed in one is not reused by the others (2,000 peers: 61.5 -> 58 MiB). True
+    if glibc took it."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1)
+
 # renders the prober's state; the second argument is the netns label (None: unlabelled)
 ProbeRender = Callable[[ProbeSnapshot, str | None], bytes]
 

@@ -21,7 +21,7 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
 from wgnest.runtime.options import netns_from, reported_from
 from wgnest.runtime.probing import Current, make_prober
-from wgnest.runtime.refresher import Refresher
+from wgnest.runtime.refresher import Refresher, limit_malloc_arenas
 from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
@@ -139,6 +139,7 @@ def _listen(args: argparse.Namespace, pages: _Pages, web_config: WebConfig | Non
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    limit_malloc_arenas()  # before any thread starts
     try:
         web_config = load_web_config(args.web_config) if args.web_config else None
         names, warnings = load_peer_names(args.config_dir, args.peer_file,
