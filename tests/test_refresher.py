@@ -175,3 +175,30 @@ def test_serve_limits_the_malloc_arenas_where_glibc_takes_it() -> None:
     code = ("from wgnest.runtime.refresher import limit_malloc_arenas\n"
             "print(limit_malloc_arenas())\n")
     assert run_fresh(code).stdout.split() == ["True"]
+
+
+def test_flows_are_kept_while_the_endpoint_is() -> None:
+    """A peer whose counters moved (a new Peer, the same endpoint) keeps its Flow object
+    (its hash made once); one whose endpoint moved gets a new one; an unchanged device
+    gives the same flows at once."""
+    import dataclasses
+    from ipaddress import ip_address
+
+    from wgnest.model.host import Endpoint
+    from wgnest.snapshot import Reader, _flows
+
+    snap = fixed_seed()
+    device = next(d for d in snap.devices if len(d.peers) >= 1 and d.peers[0].endpoint)
+    reader = Reader()
+    try:
+        first = _flows(reader, (device,))
+        assert _flows(reader, (device,)) == first
+        busy = dataclasses.replace(device.peers[0], rx_bytes=device.peers[0].rx_bytes + 1)
+        again = _flows(reader, (dataclasses.replace(device, peers=(busy, *device.peers[1:])),))
+        assert again[0] is first[0]
+        moved = dataclasses.replace(busy, endpoint=Endpoint(ip_address("198.51.100.99"), 4242))
+        third = _flows(reader, (dataclasses.replace(device, peers=(moved, *device.peers[1:])),))
+        assert third[0] is not first[0]
+        assert (str(third[0].dst), third[0].dport) == ("198.51.100.99", 4242)
+    finally:
+        reader.close()

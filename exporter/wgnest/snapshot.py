@@ -90,9 +90,11 @@ def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
             # the flow is the endpoint's (on this device): a peer whose counters or
             # handshake moved keeps it (the UAPI parse gives an unchanged endpoint as the
             # same object; the kernel's are compared)
-            same = hit is not None and (hit[0] is p or hit[0].endpoint is p.endpoint
-                                        or hit[0].endpoint == p.endpoint)
-            flow = hit[1] if hit is not None and same else transport_flow(d, p)
+            if hit is not None and (hit[0].endpoint is p.endpoint
+                                    or hit[0].endpoint == p.endpoint):
+                flow = hit[1]
+            else:
+                flow = transport_flow(d, p)
             each[p.public_key] = (p, flow)
             if flow is not None:
                 flows.append(flow)
