@@ -116,14 +116,21 @@ _VERDICTS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ..
 _VERDICTS_MAX = 1 << 17
 
 
+def same_series(names: tuple[str, ...], series: tuple[SeriesSnapshot, ...],
+                paths: Mapping[str, SeriesSnapshot]) -> bool:
+    """`paths` are the very series (`names`, `series`) kept from before, in that order:
+    the prober keeps a series' snapshot until it changes, so identity says unchanged."""
+    return (len(series) == len(paths) and names == tuple(paths)
+            and all(map(operator.is_, series, paths.values())))
+
+
 def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot], ratio: float,
                  min_excess: float) -> PeerLatency:
-    names, series = tuple(paths), tuple(paths.values())
     hit = _VERDICTS.get((device, public_key))
-    if (hit is not None and hit[0] == names and len(hit[1]) == len(series)
-            and all(map(operator.is_, hit[1], series)) and hit[2] == ratio
+    if (hit is not None and same_series(hit[0], hit[1], paths) and hit[2] == ratio
             and hit[3] == min_excess):
         return hit[4]
+    names, series = tuple(paths), tuple(paths.values())
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)
     if len(_VERDICTS) >= _VERDICTS_MAX:
         _VERDICTS.clear()

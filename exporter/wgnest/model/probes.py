@@ -12,6 +12,12 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            1.0, 2.5)
 PATHS = ("tunnel", "transport", "direct")
 SeriesKey = tuple[str, str, str]  # (device, public_key, path)
+_RANK = {p: i for i, p in enumerate(PATHS)}
+
+
+def series_order(key: SeriesKey) -> tuple[str, str, int]:
+    """The order series are listed and grouped in: by peer, then path as in PATHS."""
+    return key[0], key[1], _RANK.get(key[2], len(_RANK))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,11 +28,11 @@ from ipaddress import IPv4Address, IPv6Address
 from wgnest.model.failures import SourceFailure
 from wgnest.model.probes import (
     BUCKETS,
-    PATHS,
     ProbeSnapshot,
     ProbeTarget,
     SeriesKey,
     SeriesSnapshot,
+    series_order,
 )
 from wgnest.periodic import Periodic
 from wgnest.probe.icmp import Channel, ChannelKey, IcmpChannel, Reply, system_probe_mode
@@ -124,13 +124,6 @@ class _Series:
                 array("d", [x for x in window if x == x]), len(window),  # (NaN != NaN: lost)
                 self.baseline.ordered(), self.error)
         return self.made
-
-
-_RANK = {p: i for i, p in enumerate(PATHS)}
-
-
-def _series_order(key: SeriesKey) -> tuple[str, str, int]:
-    return key[0], key[1], _RANK.get(key[2], len(_RANK))
 
 
 ProbeFlow = tuple[IPv4Address | IPv6Address, int, str]  # (address, mark, device)
@@ -269,8 +262,6 @@ class Prober:
         targets = {(t.device, t.public_key, t.path): t for t in source}
         for key in set(self._store) - set(targets):
             del self._store[key]  # vanished: its series disappear
-            self._snapped.pop(key, None)
-            self._dirty.discard(key)
         by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
         urgent: dict[ProbeFlow, bool] = {}
         tunnelled = {(t.device, t.public_key) for t in source if t.path == "tunnel"}
@@ -286,8 +277,6 @@ class Prober:
                 s.baseline, s.made = _Ring(self.baseline, "f"), None
             if s.target != t:
                 s.target, s.made = t, None
-            if s.made is None:
-                self._dirty.add(key)
             flow = (t.address, t.mark, t.bind_device)
             by_flow.setdefault(flow, []).append(key)
             urgent[flow] = urgent.get(flow, False) or t.urgent
@@ -295,10 +284,11 @@ class Prober:
         self._split = None
         # the snapshot's series in one order (by peer, then path), whatever the plan's
         # (urgent peers first): every reader groups them the same way, and a peer's verdict
-        # is found again by the very same series in the same order
-        made = self._snapped
-        self._snapped = {k: made.get(k) or self._store[k].snapshot()
-                         for k in sorted(self._store, key=_series_order)}
+        # is found again by the very same series in the same order (a series' snapshot is
+        # kept until it changes: this makes only those of new, probed or changed series)
+        self._snapped = {k: self._store[k].snapshot()
+                         for k in sorted(self._store, key=series_order)}
+        self._dirty.clear()
 
     def _this_round(self) -> list[ProbeFlow]:
         """The flows of this round: all of them, or within the budget the urgent ones and

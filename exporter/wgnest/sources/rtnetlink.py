@@ -190,12 +190,6 @@ class RtNetlink:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> RtNetlink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def get_links(self) -> list[Message]:
         return self._dump(RTM_GETLINK, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0), _link)
 

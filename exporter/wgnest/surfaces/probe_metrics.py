@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from wgnest.analysis.latency import PeerLatency, peer_verdict
-from wgnest.model.probes import BUCKETS, PATHS, ProbeSnapshot, SeriesSnapshot
+from wgnest.analysis.latency import PeerLatency, peer_verdict, same_series
+from wgnest.model.probes import BUCKETS, ProbeSnapshot, SeriesSnapshot, series_order
 from wgnest.surfaces.exposition import Family, counter, exposition, gauge, light_format
 
 if TYPE_CHECKING:  # prometheus_client is imported only for --probe.histograms
@@ -101,9 +100,8 @@ def _prober_families(snap: ProbeSnapshot) -> tuple[Family, ...]:
 
 def _peer_paths(snap: ProbeSnapshot) -> dict[tuple[str, str], dict[str, SeriesSnapshot]]:
     """The series of each peer, peers sorted, each peer's paths in PATHS order."""
-    rank = {p: i for i, p in enumerate(PATHS)}
     peers: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
-    for key, s in sorted(snap.series.items(), key=lambda kv: (kv[0][:2], rank.get(kv[0][2], 9))):
+    for key, s in sorted(snap.series.items(), key=lambda kv: series_order(kv[0])):
         peers.setdefault((key[0], key[1]), {})[key[2]] = s
     return peers
 
@@ -148,16 +146,14 @@ def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: Prob
     medians: list[str] = []
     anomalies: list[str] = []
     for (device, public_key), paths in _peer_paths(snap).items():
-        names, series = tuple(paths), tuple(paths.values())
         hit = old.get((device, public_key))
-        if (hit is not None and hit[0] == names and len(hit[1]) == len(series)
-                and all(map(operator.is_, hit[1], series))):
+        if hit is not None and same_series(hit[0], hit[1], paths):
             lines, flag = hit[2], hit[3]
         else:
             verdict, samples = _peer_samples(device, public_key, paths, ratio, min_excess)
             lines = "".join([median_line(values, value) for values, value in samples])
             flag = anomaly_line((device, public_key), int(verdict.anomaly))
-        fresh[device, public_key] = (names, series, lines, flag)
+        fresh[device, public_key] = (tuple(paths), tuple(paths.values()), lines, flag)
         medians.append(lines)
         anomalies.append(flag)
     cache.peers = fresh
