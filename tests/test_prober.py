@@ -94,8 +94,9 @@ class FakeChannel:
 
 class FakeProber(Prober):
     def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], net: dict[str, str],
-                 no_socket_marks: tuple[int, ...] = ()) -> None:
-        super().__init__(targets, timeout=0.2, privileged=True, window=5, baseline=20)
+                 no_socket_marks: tuple[int, ...] = (), histograms: bool = True) -> None:
+        super().__init__(targets, timeout=0.2, privileged=True, window=5, baseline=20,
+                         histograms=histograms)
         self.disabled_reason = ""  # the fake needs no privilege
         self.net, self.no_socket_marks = net, no_socket_marks
         self.opened: list[FakeChannel] = []
@@ -210,15 +211,40 @@ def test_baseline_only_on_the_real_path() -> None:
     assert all(0 < x < 1 for x in s.baseline)
 
 
-def test_ring_keeps_the_last_values_in_order() -> None:
+def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
+    """The ring keeps its last `size` values; what it hands a snapshot is its own array
+    (no copy), which it copies before its next change, so the snapshot never moves."""
     from wgnest.probe.prober import _Ring
     ring = _Ring(4)
+    assert ring.live() == ()  # no array until a value comes
     for x in range(1, 7):
         ring.append(float(x))
-    assert (len(ring), list(ring.ordered())) == (4, [3.0, 4.0, 5.0, 6.0])
+    given = ring.shared()
+    assert (len(ring), sorted(given)) == (4, [3.0, 4.0, 5.0, 6.0])
+    assert ring.shared() is given  # unchanged: the same array again
+    ring.append(7.0)
+    assert sorted(given) == [3.0, 4.0, 5.0, 6.0]  # the snapshot's values stay
+    assert sorted(ring.shared()) == [4.0, 5.0, 6.0, 7.0]
+    assert ring.shared() is not given
     empty = _Ring(0, "f")
     empty.append(1.0)
-    assert (len(empty), list(empty.ordered())) == (0, [])
+    assert (len(empty), empty.shared()) == (0, ())
+
+
+def test_unprobed_series_and_no_histograms_keep_no_arrays() -> None:
+    """Without histograms a series counts no buckets; a series not probed yet, and the
+    direct path's baseline, are empty tuples (a gateway's 20,000 series: no arrays)."""
+    plan = [target("198.18.0.2", "transport"), target("198.18.0.3")]
+    p = FakeProber(lambda: plan, {}, histograms=False)
+    p._adopt(plan)  # the series exist, none probed yet
+    fresh = p.snapshot().series["wg0", "k1", "transport"]
+    assert (fresh.buckets, fresh.recent, fresh.baseline) == ((), (), ())
+    for _ in range(3):
+        p.run_once()
+    s = p.snapshot().series["wg0", "k1", "transport"]
+    assert (s.buckets, s.received, len(s.recent), len(s.baseline)) == ((), 3, 3, 3)
+    assert s.rtt_sum == pytest.approx(sum(s.baseline))
+    assert p.snapshot().series["wg0", "k1", "direct"].baseline == ()
 
 
 def test_start_stop_fake() -> None:

@@ -164,17 +164,33 @@ def test_a_refresh_freezes_what_it_kept_and_a_full_collection_comes_in_turn() ->
         gc.unfreeze()
 
 
-def test_serve_limits_the_malloc_arenas_where_glibc_takes_it() -> None:
-    """mallopt(M_ARENA_MAX, 2) as serve starts (before any thread): glibc accepts it."""
+_FREED_BLOCK = """
+import sys
+from wgnest.runtime.refresher import tune_malloc
+if sys.argv[1] == "tuned":
+    print(tune_malloc())
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+big = b"x" * (8 << 20); del big  # freed: glibc raises its mmap threshold to this
+before = rss()
+block = b"y" * (4 << 20); del block  # smaller: from the heap unless the threshold is fixed
+print(rss() - before)
+"""
+
+
+def test_serve_tunes_malloc_so_freed_blocks_go_back() -> None:
+    """tune_malloc (as serve starts): glibc takes both settings, and a 4 MiB block freed
+    after an 8 MiB one goes back to the system (without it, it stays: the control)."""
     import ctypes.util
 
     from tests.fresh_python import run_fresh
 
     if ctypes.util.find_library("c") != "libc.so.6":
         pytest.skip("not glibc: no mallopt to ask")
-    code = ("from wgnest.runtime.refresher import limit_malloc_arenas\n"
-            "print(limit_malloc_arenas())\n")
-    assert run_fresh(code).stdout.split() == ["True"]
+    tuned = run_fresh(_FREED_BLOCK, "tuned").stdout.split()
+    assert tuned[0] == "True"
+    assert int(tuned[1]) < 1
+    assert int(run_fresh(_FREED_BLOCK, "plain").stdout.split()[0]) >= 3  # the control
 
 
 def test_flows_are_kept_while_the_endpoint_is() -> None:

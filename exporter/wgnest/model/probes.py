@@ -36,12 +36,13 @@ class SeriesSnapshot:
     target: ProbeTarget
     sent: int
     received: int
-    buckets: Sequence[int]  # cumulative counts, one per BUCKETS bound
+    buckets: Sequence[int]  # cumulative counts, one per BUCKETS bound; () without histograms
     rtt_sum: float  # seconds
-    recent: Sequence[float]  # RTTs of the last `window` probes (lost ones left out)
+    # RTTs of the last `window` probes (lost ones left out), in no particular order
+    recent: Sequence[float]
     recent_sent: int  # probes in the window, answered or not
-    # RTTs of the last `baseline` answered probes (a compact array; none kept for the
-    # direct path, whose baseline no verdict reads)
+    # RTTs of the last `baseline` answered probes, in no particular order (a compact array;
+    # none kept for the direct path, whose baseline no verdict reads)
     baseline: Sequence[float]
     error: str = ""  # why the last probe to this target failed to send; silence is no error
 

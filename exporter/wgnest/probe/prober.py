@@ -22,7 +22,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from wgnest.model.failures import SourceFailure
@@ -61,11 +61,13 @@ class _Ring:
     values come (a gateway's series are probed every minute or so: a full baseline takes
     hours), then the oldest value is overwritten."""
 
-    __slots__ = ("_next", "_size", "_values")
+    __slots__ = ("_code", "_next", "_shared", "_size", "_values")
 
     def __init__(self, size: int, typecode: str = "d") -> None:
-        self._values: array[float] = array(typecode)
-        self._size, self._next = size, 0  # _next: where the next value goes once full
+        # no array until the first value (a gateway's 40,000 rings: 3 MB of empty arrays)
+        self._values: array[float] | tuple[()] = ()
+        self._code, self._size, self._next = typecode, size, 0  # _next: next slot once full
+        self._shared = False  # the array is in a snapshot: copied before it changes
 
     def __len__(self) -> int:
         return len(self._values)
@@ -75,17 +77,30 @@ class _Ring:
         return self._size
 
     def append(self, value: float) -> None:
+        if not self._size:
+            return
         values = self._values
+        if not values or self._shared:
+            values = self._values = array(self._code, values)
+            self._shared = False
         if len(values) < self._size:
             values.append(value)
-        elif self._size:
+        else:
             values[self._next] = value
             self._next = (self._next + 1) % self._size
 
-    def ordered(self) -> array[float]:
-        """A copy, oldest first."""
-        v, i = self._values, self._next
-        return v[i:] + v[:i]
+    def live(self) -> Sequence[float]:
+        """The values in no particular order: the array itself, to read at once."""
+        return self._values
+
+    def shared(self) -> Sequence[float]:
+        """The values in no particular order, not copied: the array itself, which the ring
+        then copies before its next change (copy on write), so a series' snapshot and its
+        ring hold one baseline between probes, not two. () when empty."""
+        if not self._values:
+            return ()
+        self._shared = True
+        return self._values
 
 
 LOST = math.nan  # a probe of the window that had no answer
@@ -98,7 +113,7 @@ class _Series:
     baseline: _Ring  # RTTs of the last answered probes (none kept for the direct path)
     sent: int = 0
     received: int = 0
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    counts: list[int] | None = None  # per BUCKETS bound (then +Inf); None: no histograms
     rtt_sum: float = 0.0
     error: str = ""
     # its last snapshot, kept until a probe or a new target changes it: a round probes a
@@ -112,17 +127,19 @@ class _Series:
         if rtt is not None:
             self.received += 1
             self.rtt_sum += rtt
-            self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
+            if self.counts is not None:
+                self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
             self.baseline.append(rtt)
 
     def snapshot(self) -> SeriesSnapshot:
         if self.made is None:
-            window = self.window.ordered()
+            window = self.window.live()
+            answered = [x for x in window if x == x]  # (NaN != NaN: lost)
             self.made = SeriesSnapshot(  # flat arrays: a float object each would be 3x
                 self.target, self.sent, self.received,
-                array("q", itertools.accumulate(self.counts[:-1])), self.rtt_sum,
-                array("d", [x for x in window if x == x]), len(window),  # (NaN != NaN: lost)
-                self.baseline.ordered(), self.error)
+                array("q", itertools.accumulate(self.counts[:-1])) if self.counts else (),
+                self.rtt_sum, array("d", answered) if answered else (), len(window),
+                self.baseline.shared(), self.error)
         return self.made
 
 
@@ -149,11 +166,14 @@ class Prober:
                  timeout: float = 1.0, privileged: bool | None = None, window: int = 30,
                  baseline: int = 300, clock: Callable[[], float] = time.monotonic,
                  max_rate: float | None = None,
-                 skipped: Callable[[], Mapping[str, int]] = dict) -> None:
+                 skipped: Callable[[], Mapping[str, int]] = dict,
+                 histograms: bool = True) -> None:
         """`targets()` returns the current plan; a new plan must be a new list (it is
         indexed once, when it first appears). `max_rate`: probes per second across all
         targets (None: every flow each round); a round then probes the urgent flows and
-        the next ones in turn, sent evenly."""
+        the next ones in turn, sent evenly. `histograms`: count RTTs per bucket (off, a
+        series' snapshot has no buckets)."""
+        self._histograms = histograms
         self._targets, self.timeout, self.max_rate, self._skipped = (
             targets, timeout, max_rate, skipped)
         self._cursor = 0
@@ -271,8 +291,9 @@ class Prober:
             # the transport (as analysis.latency picks the "real" path)
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
-                s = self._store[key] = _Series(t, _Ring(self.window),
-                                               _Ring(self.baseline if keep else 0, "f"))
+                s = self._store[key] = _Series(
+                    t, _Ring(self.window), _Ring(self.baseline if keep else 0, "f"),
+                    counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
             elif keep and not s.baseline.size and self.baseline:  # its tunnel path went
                 s.baseline, s.made = _Ring(self.baseline, "f"), None
             if s.target != t:

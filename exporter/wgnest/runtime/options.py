@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import math
 import platform
 import re
@@ -234,6 +233,8 @@ DEPENDENCIES = ("prometheus-client", "pyroute2", "icmplib", "h11", "bcrypt", "Py
 def version_text() -> str:
     """`wgnest 0.1.0`, then Python's version and each dependency's, as exporter-toolkit's
     --version prints its build and Go versions."""
+    import importlib.metadata  # (here: its import costs a serving process ~3 MiB)
+
     lines = [f"wgnest {__version__}", f"  python: {platform.python_version()} "
                                       f"({platform.python_implementation()})"]
     for name in DEPENDENCIES:

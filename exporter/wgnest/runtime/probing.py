@@ -51,7 +51,8 @@ def make_prober(args: argparse.Namespace,
         return dict(last[0][1].skipped) if last else {}
 
     prober = Prober(targets, interval=args.probe_interval, timeout=args.probe_timeout,
-                    max_rate=args.probe_max_rate, skipped=skipped)
+                    max_rate=args.probe_max_rate, skipped=skipped,
+                    histograms=getattr(args, "probe_histograms", False))
     return prober
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import gzip
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from wgnest.analysis.host import diagnose_host
 from wgnest.analysis.paths import PeerPath
@@ -30,13 +29,14 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.periodic import Periodic
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.gzipped import Piece, inflate, member_of
 from wgnest.surfaces.metrics import (
     Health,
     LineCache,
     exporter_families,
     netns_families,
     wireguard_families,
-    wireguard_text,
+    wireguard_pieces,
 )
 from wgnest.surfaces.report import netns_failures
 
@@ -74,29 +74,21 @@ class State:
     snapshot: Snapshot  # wgnest's own namespace (what the prober probes)
     paths: list[PeerPath]
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
-    body_length: int  # the WireGuard and probe families: the exposition's first bytes
-    exposition: bytes  # those, then the exporter's health families
+    body: tuple[Piece, ...]  # the WireGuard and probe families, compressed
+    gzipped: bytes  # those, then the exporter's health families: the exposition as gzip
     # per namespace, every device and its path, reported or not: what the next diagnosis
     # can reuse
     analysed: dict[str, tuple[Snapshot, list[PeerPath]]] | None = None
     # every reported namespace (one, named "", with --netns self)
     views: tuple[NetnsView, ...] = ()
     labelled: bool = False  # --netns other than self
-    _gzip: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     @property
-    def body(self) -> bytes:
-        """The WireGuard and probe families (a copy: kept once, inside the exposition)."""
-        return self.exposition[:self.body_length]
-
-    def gzipped(self) -> bytes:
-        """The exposition gzip-compressed, once per refresh (on the first scrape that asks:
-        no cost when no scraper does)."""
-        if not self._gzip:
-            # level 1: half the CPU of the default 6 for an answer ~8 % larger (a 10k-peer
-            # gateway: 84 ms against 178 ms, 3.9 MB against 3.6 MB of 17 MB)
-            self._gzip.append(gzip.compress(self.exposition, compresslevel=1, mtime=0))
-        return self._gzip[0]
+    def exposition(self) -> bytes:
+        """The exposition's text, inflated from `gzipped` on each call (what a scraper
+        without gzip gets; Prometheus always asks for gzip): only the compressed form is
+        kept (a 10,000-peer gateway: 3 MB, where the text is 13 MB)."""
+        return inflate(self.gzipped)
 
 
 def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> bytes:
@@ -104,15 +96,13 @@ def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> b
 
 
 def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str, str],
-                 cache: LineCache | None = None) -> bytes:
+                 cache: LineCache) -> list[Piece]:
     if not labelled:
         if not views:
-            return b""
-        if cache is None:
-            return render(views[0].snapshot, views[0].paths, names)
-        return wireguard_text(views[0].snapshot, views[0].paths, names, cache)
-    return exposition(netns_families([(v.name, v.path, v.snapshot, v.paths) for v in views],
-                                     names))
+            return []
+        return wireguard_pieces(views[0].snapshot, views[0].paths, names, cache)
+    return [cache.deflater.piece(exposition(netns_families(
+        [(v.name, v.path, v.snapshot, v.paths) for v in views], names)))]
 
 
 FULL_COLLECTION_EVERY = 60  # refreshes between full collections (5 min at the default 5s)
@@ -143,17 +133,21 @@ try:
 except OSError:  # not glibc
     _LIBC = None
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
 MALLOC_ARENAS = 2
+MMAP_THRESHOLD = 128 << 10  # glibc's default, kept fixed
 
 
-def limit_malloc_arenas() -> bool:
-    """At most MALLOC_ARENAS glibc malloc arenas (as MALLOC_ARENA_MAX=2 would), before any
-    thread starts: each thread (refresh, prober, web) otherwise gets an arena of its own, and
-    the memory freed in one is not reused by the others (2,000 peers: 61.5 -> 58 MiB). True
-    if glibc took it."""
+def tune_malloc() -> bool:
+    """Before any thread starts: at most MALLOC_ARENAS glibc malloc arenas (as
+    MALLOC_ARENA_MAX=2 would), since each thread (refresh, prober, web) otherwise gets one
+    and the memory freed in one is not reused by the others (2,000 peers: 61.5 -> 58 MiB);
+    and a fixed mmap threshold: glibc otherwise raises it to the largest block freed, so a
+    scrape's inflated exposition or a dump's answer (megabytes) then comes from the heap and
+    stays there once freed (10,000 peers: 92 -> 80 MiB). True if glibc took both."""
     mallopt = getattr(_LIBC, "mallopt", None)
-    return bool(mallopt is not None and mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1)
+    return bool(mallopt is not None and mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1
+                and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
 
 # renders the prober's state; the second argument is the netns label (None: unlabelled)
 ProbeRender = Callable[[ProbeSnapshot, str | None], bytes]
@@ -212,10 +206,10 @@ class Refresher:
             views.append(NetnsView(ns.name, ns.path, snap, paths))
         own = next((v for v in views if not v.path), None)
         probes = self._probes() if self._probes is not None else None
-        parts = [render_views(views, host.labelled, self._names(), self._lines)]
+        parts = render_views(views, host.labelled, self._names(), self._lines)
         if probes is not None and self._probe_metrics is not None:
-            parts.append(self._probe_metrics(probes, own.name if own and host.labelled
-                                             else None))
+            parts.append(self._lines.deflater.piece(self._probe_metrics(
+                probes, own.name if own and host.labelled else None)))
         failures = netns_failures([(v.name, v.path, v.snapshot, v.paths) for v in views],
                                   host.failures)
         if probes and probes.failure:
@@ -237,20 +231,19 @@ class Refresher:
         snap = own.snapshot if own is not None else Snapshot(host.taken_at)
         health = self._health(host.taken_at, tuple(failures), durations, len(stale),
                               views if host.labelled else ())
-        body_length = sum(len(part) for part in parts)
-        return State(snap, own.paths if own is not None else [], probes, body_length,
-                     b"".join([*parts, health]),
+        return State(snap, own.paths if own is not None else [], probes, tuple(parts),
+                     member_of([*parts, health], self._lines.deflater),
                      {ns.name: (ns.snapshot, analysed[ns.name]) for ns in host.namespaces},
                      tuple(views), host.labelled)
 
     def _health(self, taken_at: float, failures: tuple[SourceFailure, ...],
                 durations: Mapping[str, float], stale: int = 0,
-                views: Sequence[NetnsView] = ()) -> bytes:
+                views: Sequence[NetnsView] = ()) -> Piece:
         self._note(failures)
         health = Health(self._collectors, failures, durations, self._errors_total,
                         self._interval, stale, tuple(v.name for v in views),
                         {v.name: v.snapshot.durations for v in views})
-        return exposition(exporter_families(taken_at, health))
+        return self._lines.deflater.piece(exposition(exporter_families(taken_at, health)))
 
     def _note(self, failures: tuple[SourceFailure, ...]) -> None:
         """Count every failure; log one line when a failure starts or changes, one when it
@@ -276,7 +269,8 @@ class Refresher:
         health = self._health(snap.taken_at, (failure,), {}, 0,
                               old.views if old is not None and old.labelled else ())
         state = State(snap, old.paths if old else [], old.probes if old else None,
-                      old.body_length if old else 0, (old.body if old else b"") + health,
+                      old.body if old else (), member_of([*(old.body if old else ()), health],
+                                                            self._lines.deflater),
                       old.analysed if old else None, old.views if old else (),
                       old.labelled if old else False)
         with self._lock:

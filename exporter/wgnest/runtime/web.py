@@ -504,6 +504,10 @@ class _App:
         default_factory=collections.OrderedDict)
     pages: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="wgnest-page"))
+    # plain (not gzip) scrapes: the exposition inflated from its compressed form; threads
+    # of their own, never behind a slow status page
+    texts: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=2, thread_name_prefix="wgnest-text"))
     last_full_log: float = float("-inf")
     pending_pages: int = 0
 
@@ -547,6 +551,7 @@ class _App:
 
     def release(self) -> None:
         self.pages.shutdown(wait=False, cancel_futures=True)
+        self.texts.shutdown(wait=False, cancel_futures=True)
         if self.auth is not None:
             self.auth.close()
 
@@ -663,14 +668,17 @@ class _App:
         ctype = b"text/plain; charset=utf-8"
         try:
             if path == self.telemetry_path:
-                status, body, ctype = 200, self.handlers.metrics(), CONTENT_TYPE
                 gzipped = getattr(self.handlers, "metrics_gzip", None)
                 if gzipped is not None and accepts_gzip(req.headers):
-                    # compressed once per refresh, in a thread, never per scrape
-                    body = await asyncio.get_running_loop().run_in_executor(self.pages, gzipped)
+                    # compressed by the refresher, never per scrape
+                    body = gzipped()
                     extra = ((b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"))
-                    return await self._respond(conn, stream, h, req, status, body, close,
-                                               extra, ctype)
+                    return await self._respond(conn, stream, h, req, 200, body, close,
+                                               extra, CONTENT_TYPE)
+                # (inflated from the compressed form: in a thread, the loop serves on)
+                body = await asyncio.get_running_loop().run_in_executor(
+                    self.texts, self.handlers.metrics)
+                status, ctype = 200, CONTENT_TYPE
             elif path == b"/":
                 if self.pending_pages >= MAX_PENDING_PAGES:
                     raise _Reply(503, ((b"Retry-After", b"1"),))

@@ -27,13 +27,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
-try:  # libyaml's parser: 5x faster, and it refuses nesting deeper than 1000 levels
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
-
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; exporter-toolkit's example files are a few hundred bytes
 MAX_TLS_FILE_BYTES = 4 << 20  # a certificate chain, a key or a CA bundle
 MAX_USERS = 1000
@@ -108,37 +101,6 @@ class WebConfig:
     basic_auth_users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Extra response headers (http_server_config.headers).
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-
-class _Loader(_SafeLoader):
-    """A safe loader whose mapping keys are strings as written, refused when given twice.
-
-    Every mapping in the file is string-keyed in exporter-toolkit (struct fields and
-    map[string]...), and Go's YAML reader fills a string with the scalar as written: `0x1F:`
-    is the user "0x1F" and `010:` the user "010", not 31 and 8; `010` and `8` are two users.
-    """
-
-
-_NULL_TAG = "tag:yaml.org,2002:null"
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[str, Any]:
-    loader.flatten_mapping(node)  # `<<: *anchor` merge keys, as Go's YAML reader has them
-    out: dict[str, Any] = {}
-    for key_node, value_node in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a string, not a list or mapping", key_node.start_mark)
-        # A null key (`~:`) is Go's empty string; anything else is the text as written.
-        key = "" if key_node.tag == _NULL_TAG else str(key_node.value)
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} given twice", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _one_line(text: object) -> str:
@@ -288,7 +250,7 @@ class _Parser:
             raise self.fail("basic_auth_users", f"{len(raw)} users; at most {MAX_USERS} "
                             "are supported")
         users: dict[str, str] = {}
-        for user, hashed in raw.items():  # keys are strings as written (see _Loader)
+        for user, hashed in raw.items():  # keys are strings as written (see web_yaml)
             if not user:
                 raise self.fail("basic_auth_users", "a username is empty")
             # Never echo the value: it may be a plaintext password.
@@ -347,16 +309,12 @@ def load_web_config(path: Path) -> WebConfig:
         data = read_regular_file(path, MAX_CONFIG_BYTES)
     except _Unreadable as e:
         raise parser.fail("file", f"cannot read: {e}") from None
+    from wgnest.runtime.web_yaml import YamlProblem, load_yaml  # (PyYAML: only when asked)
+
     try:
-        doc = yaml.load(data, Loader=_Loader)  # a safe loader
-    except yaml.MarkedYAMLError as e:  # no snippet: the line may hold a secret
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise parser.fail("yaml", f"{e.problem or e.context}{where}") from None
-    except yaml.YAMLError as e:
+        doc = load_yaml(data)
+    except YamlProblem as e:
         raise parser.fail("yaml", e) from None
-    except RecursionError:
-        raise parser.fail("yaml", "nested too deeply") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

@@ -6,6 +6,7 @@ Names follow mdlayher/wireguard_exporter where they overlap, so existing dashboa
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from wgnest.surfaces.exposition import (
     merged,
     with_label,
 )
+from wgnest.surfaces.gzipped import Deflater, Piece, text_of
 
 if TYPE_CHECKING:  # (prometheus_client's objects only where it is imported)
     from prometheus_client.core import Metric
@@ -229,15 +231,59 @@ def exporter_families(taken_at: float, health: Health) -> Iterator[Family]:
     yield from (success, duration, stamp, interval, stale, build, errors)
 
 
+BLOCK_CUT = 64  # about this many peers (or paths) per block
+
+
+def _cut(public_key: str) -> bool:
+    """Whether a block starts at this peer: decided by its key alone (content-defined, so
+    a peer added or gone changes one block, not those after it)."""
+    return hash(public_key) % BLOCK_CUT == 0
+
+
+def _blocks(keys: Sequence[str]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive keys that ends before a cut key."""
+    out, start = [], 0
+    for i in range(1, len(keys)):
+        if _cut(keys[i]):
+            out.append((start, i))
+            start = i
+    if keys:
+        out.append((start, len(keys)))
+    return out
+
+
+@dataclass(slots=True)
+class _PeerBlock:
+    peers: tuple[Peer, ...]
+    names: tuple[str, ...]
+    pieces: tuple[Piece, ...]  # info, allowed, rx, tx, last handshake
+
+
+@dataclass(slots=True)
+class _PathBlock:
+    paths: tuple[PeerPath, ...]
+    pieces: tuple[Piece, ...]  # one per path family
+
+
 class LineCache:
-    """The sample lines of each peer's and each path's families as last rendered: an
+    """The compressed lines of each block of peers and of paths as last rendered. An
     unchanged peer comes back as the same Peer object (the sources reuse it) and its path as
-    the same PeerPath (the diagnosis reuses it), so its lines are reused, not formatted
-    again. Only the handshake age, which moves with the snapshot's time, is always new."""
+    the same PeerPath (the diagnosis reuses it), so a block of them is reused, neither
+    formatted nor compressed again; a block whose peers only moved counters keeps its info
+    and allowed-IP pieces. Only the handshake ages, which move with the snapshot's time,
+    are always new. Blocks are keyed by device and first key; one thread renders."""
 
     def __init__(self) -> None:
-        self.peers: dict[tuple[str, str], tuple[Peer, str, tuple[str, ...]]] = {}
-        self.paths: dict[tuple[str, str], tuple[PeerPath, tuple[str, ...]]] = {}
+        self.peers: dict[tuple[str, str], _PeerBlock] = {}
+        self.paths: dict[tuple[str, str], _PathBlock] = {}
+        self.heads: dict[str, Piece] = {}
+        self.deflater = Deflater()
+
+    def head(self, text: str) -> Piece:
+        got = self.heads.get(text)
+        if got is None:
+            got = self.heads[text] = self.deflater.piece(text.encode())
+        return got
 
 
 def _formats(families: Sequence[Family]) -> list[tuple[str, Callable[..., str]]]:
@@ -252,61 +298,92 @@ def _formats(families: Sequence[Family]) -> list[tuple[str, Callable[..., str]]]
 
 def wireguard_text(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
                    cache: LineCache) -> bytes:
-    """exposition(wireguard_families(snap, paths, names)), byte for byte, reusing the lines
-    of unchanged peers and paths from `cache` (which then holds this render's)."""
+    """exposition(wireguard_families(snap, paths, names)), byte for byte (what
+    wireguard_pieces compresses)."""
+    return text_of(wireguard_pieces(snap, paths, names, cache))
+
+
+def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
+                     cache: LineCache) -> list[Piece]:
+    """exposition(wireguard_families(snap, paths, names)) as compressed pieces, reusing
+    those of unchanged blocks of peers and paths from `cache` (which then holds this
+    render's)."""
     empty = dataclasses.replace(snap, devices=())
-    peer_fams = list(peer_families(empty, {}))
-    path_fams = list(path_families(()))
-    pf, qf = _formats(peer_fams), _formats(path_fams)
+    pf = _formats(list(peer_families(empty, {})))
+    qf = _formats(list(path_families(())))
     info, allowed, rx, tx, last, age = (line for _head, line in pf)
+    piece = cache.deflater.piece
     taken_at = snap.taken_at
-    peer_lines: list[tuple[str, ...]] = []
+    peer_pieces: list[tuple[Piece, ...]] = []
     ages: list[str] = []
     old_peers, new_peers = cache.peers, {}
     for d in snap.devices:
-        for p in d.peers:
-            key = (d.name, p.public_key)
-            name = names.get(p.public_key, "")
+        peers = d.peers
+        for start, end in _blocks([p.public_key for p in peers]):
+            block = peers[start:end]
+            key = (d.name, block[0].public_key)
+            block_names = tuple([names.get(p.public_key, "") for p in block])
             hit = old_peers.get(key)
-            if hit is not None and hit[0] is p and hit[1] == name:
-                lines = hit[2]
-            elif (hit is not None and hit[1] == name and hit[0].endpoint == p.endpoint
-                  and hit[0].allowed_ips == p.allowed_ips):  # only counters or handshake moved
-                lines = (hit[2][0], hit[2][1], rx(key, p.rx_bytes), tx(key, p.tx_bytes),
-                         last(key, p.last_handshake))
+            if (hit is not None and hit.names == block_names and len(hit.peers) == len(block)
+                    and all(map(operator.is_, hit.peers, block))):
+                made = hit.pieces
             else:
-                labels = key
-                lines = (info((*labels, str(p.endpoint or ""), name, allowed_ips_label(p)), 1),
-                         "".join([allowed((*labels, _net_text(n), FAMILY[n.version]), 1)
-                                  for n in sorted(p.allowed_ips, key=_order)]),
-                         rx(labels, p.rx_bytes), tx(labels, p.tx_bytes),
-                         last(labels, p.last_handshake))
-            new_peers[key] = (p, name, lines)
-            peer_lines.append(lines)
+                dn = d.name
+                counters = (
+                    piece("".join([rx((dn, p.public_key), p.rx_bytes) for p in block]).encode()),
+                    piece("".join([tx((dn, p.public_key), p.tx_bytes) for p in block]).encode()),
+                    piece("".join([last((dn, p.public_key), p.last_handshake)
+                                   for p in block]).encode()))
+                if (hit is not None and hit.names == block_names
+                        and len(hit.peers) == len(block)
+                        and all(o.public_key == p.public_key and o.endpoint == p.endpoint
+                                and o.allowed_ips == p.allowed_ips
+                                for o, p in zip(hit.peers, block, strict=True))):
+                    made = (hit.pieces[0], hit.pieces[1], *counters)  # only counters moved
+                else:
+                    made = (
+                        piece("".join([
+                            info((dn, p.public_key, str(p.endpoint or ""), n,
+                                  allowed_ips_label(p)), 1)
+                            for p, n in zip(block, block_names, strict=True)]).encode()),
+                        piece("".join([
+                            allowed((dn, p.public_key, _net_text(net), FAMILY[net.version]), 1)
+                            for p in block
+                            for net in sorted(p.allowed_ips, key=_order)]).encode()),
+                        *counters)
+            new_peers[key] = _PeerBlock(block, block_names, made)
+            peer_pieces.append(made)
+        for p in peers:
             if p.last_handshake > 0:
-                ages.append(age(key, max(0.0, taken_at - p.last_handshake)))
+                ages.append(age((d.name, p.public_key), max(0.0, taken_at - p.last_handshake)))
     cache.peers = new_peers
-    path_lines: list[tuple[str, ...]] = []
+    path_pieces: list[tuple[Piece, ...]] = []
     old_paths, new_paths = cache.paths, {}
-    for path in paths:
-        key = (path.device, path.public_key)
+    for start, end in _blocks([p.public_key for p in paths]):
+        run = tuple(paths[start:end])
+        key = (run[0].device, run[0].public_key)
         got = old_paths.get(key)
-        if got is not None and got[0] is path:
-            lines = got[1]
+        if got is not None and len(got.paths) == len(run) and all(
+                map(operator.is_, got.paths, run)):
+            made = got.pieces
         else:
-            one = list(path_families((path,)))
-            lines = tuple("".join([line(v, x) for v, x in fam.samples])
-                          for fam, (_head, line) in zip(one, qf, strict=True))
-        new_paths[key] = (path, lines)
-        path_lines.append(lines)
+            made = tuple(
+                piece("".join([line(v, x) for v, x in fam.samples]).encode())
+                for fam, (_head, line) in zip(path_families(run), qf, strict=True))
+        new_paths[key] = _PathBlock(run, made)
+        path_pieces.append(made)
     cache.paths = new_paths
-    out = [exposition(device_families(snap))]
+    out = [piece(exposition(device_families(snap)))]
     for i, (head, _line) in enumerate(pf):
-        body = ages if i == 5 else [lines[i] for lines in peer_lines]
-        out.append((head + "".join(body)).encode())
+        out.append(cache.head(head))
+        if i == 5:
+            out.append(piece("".join(ages).encode()))
+        else:
+            out += [made[i] for made in peer_pieces]
     for i, (head, _line) in enumerate(qf):
-        out.append((head + "".join([lines[i] for lines in path_lines])).encode())
-    return b"".join(out)
+        out.append(cache.head(head))
+        out += [made[i] for made in path_pieces]
+    return out
 
 
 def wireguard_families(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
