@@ -185,13 +185,15 @@ def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
 @given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70),
                  st.sampled_from([0.0, -0.0, 1e6, 999999.0, 1234567.0, 1e7, 10000000.5,
                                   123456789012345.6, 1234567890123456.0, 1e16, 1e22,
-                                  5e-324, 0.1, 1.5e-7, 2**53, -1234567.0])))
+                                  5e-324, 0.1, 1.5e-7, 2**53, -1234567.0, 0, 1, 999999,
+                                  1000000, -(10**15) + 1, -(10**15), 123456])))
 def test_sample_values_are_written_as_prometheus_client_writes_them(value: float) -> None:
     from prometheus_client.utils import floatToGoString
 
-    from wgnest.surfaces.exposition import _go_float
+    from wgnest.surfaces.exposition import _go_float, sample_value
 
     assert _go_float(value) == floatToGoString(value)
+    assert sample_value(value) == floatToGoString(value)  # (its int shortcut too)
 
 
 def test_serving_never_imports_prometheus_client() -> None:

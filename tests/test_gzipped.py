@@ -129,3 +129,16 @@ def test_a_small_text_is_compressed_whole() -> None:
     big = [d.piece(t * 40) for t in lines]  # 60 pieces of 4 KB: above WHOLE_BELOW
     assert sum(p.size for p in big) >= gzipped.WHOLE_BELOW
     assert gzipped.member_of(big, d) == gzip_of(big)
+
+
+def test_labels_that_need_escaping_are_written_as_the_families_write_them() -> None:
+    """The fast (device, public_key) format is used only where no label needs escaping: a
+    device name or a key with a quote, a backslash or a newline goes through line()."""
+    peers = (_peer(1), dataclasses.replace(_peer(2), public_key='k"2\\'), _peer(3))
+    for device in ("wg0", 'w"g\\0', "wg\n%s"):
+        snap = dataclasses.replace(_snap(peers), devices=(
+            dataclasses.replace(_snap(peers).devices[0], name=device),))
+        paths = diagnose(snap)
+        got = text_of(wireguard_pieces(snap, paths, {}, LineCache()))
+        assert got == exposition(wireguard_families(snap, paths, {}))
+        assert b'public_key="k\\"2\\\\"' in got

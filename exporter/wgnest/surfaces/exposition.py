@@ -48,6 +48,14 @@ def _go_float(value: float) -> str:
     return f"{mantissa}e+{point - 1:02d}"
 
 
+def sample_value(value: int | float) -> str:
+    """A sample value as line() writes it: an int of fewer than seven digits at once (its
+    float's repr, which _go_float would give: 0 -> "0.0", 42 -> "42.0"), else _go_float."""
+    if value.__class__ is int and -(10**15) < value < 1_000_000:
+        return f"{value}.0"
+    return _go_float(value)
+
+
 def _generate_latest(metric: Metric) -> bytes:
     """prometheus_client's own writing of one family (what the fast path leaves)."""
     from prometheus_client import generate_latest
@@ -146,11 +154,8 @@ def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | flo
     order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
     fmt = sample + "{" + ",".join(f'{fam.labels[i]}="%s"' for i in order) + "} %s\n" \
         if fam.labels else sample + " %s\n"
-    go = _go_float
-
     def line(values: tuple[str, ...], value: int | float) -> str:
-        text = ("1.0" if value else "0.0") if value.__class__ is int and 0 <= value <= 1 \
-            else go(value)
+        text = sample_value(value)
         if not values:
             return fmt % text
         ordered = [values[i] for i in order]
@@ -159,6 +164,23 @@ def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | flo
         return fmt % (*ordered, text)
 
     return head, line
+
+
+def needs_escape(text: str) -> bool:
+    """Whether a label value holds a character the text format escapes."""
+    return _SPECIAL.search(text) is not None
+
+
+def key_format(fam: Family, device: str) -> str | None:
+    """For a family labelled (device, public_key) only: the %-format of one sample of
+    `device`, to fill with a key and sample_value(); None for other families, or a device
+    name that needs escaping. A WireGuard key is base64: it never does."""
+    if fam.labels != ("device", "public_key") or _SPECIAL.search(device):
+        return None
+    sample = fam.name + "_total" if fam.kind == "counter" else fam.name
+    if not _NAME.fullmatch(sample):
+        return None
+    return sample + '{device="' + device.replace("%", "%%") + '",public_key="%s"} %s\n'
 
 
 def _light_text(fam: Family) -> str | None:

@@ -21,8 +21,11 @@ from wgnest.surfaces.exposition import (
     counter,
     exposition,
     gauge,
+    key_format,
     light_format,
     merged,
+    needs_escape,
+    sample_value,
     with_label,
 )
 from wgnest.surfaces.gzipped import Deflater, Piece, text_of
@@ -296,6 +299,19 @@ def _formats(families: Sequence[Family]) -> list[tuple[str, Callable[..., str]]]
     return out
 
 
+_COUNTERS = (operator.attrgetter("rx_bytes"), operator.attrgetter("tx_bytes"),
+             operator.attrgetter("last_handshake"))
+
+
+def _keyed_text(fmt: str | None, line: Callable[..., str], device: str,
+                peers: Sequence[Peer], value: Callable[[Peer], int | float]) -> bytes:
+    """The samples of a (device, public_key) family for these peers: through key_format's
+    %-format when there is one (no label needs escaping: 2-3x faster), else line()."""
+    if fmt is not None:
+        return "".join([fmt % (p.public_key, sample_value(value(p))) for p in peers]).encode()
+    return "".join([line((device, p.public_key), value(p)) for p in peers]).encode()
+
+
 def wireguard_text(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
                    cache: LineCache) -> bytes:
     """exposition(wireguard_families(snap, paths, names)), byte for byte (what
@@ -309,16 +325,18 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
     those of unchanged blocks of peers and paths from `cache` (which then holds this
     render's)."""
     empty = dataclasses.replace(snap, devices=())
-    pf = _formats(list(peer_families(empty, {})))
+    peer_fams = list(peer_families(empty, {}))
+    pf = _formats(peer_fams)
     qf = _formats(list(path_families(())))
     info, allowed, rx, tx, last, age = (line for _head, line in pf)
     piece = cache.deflater.piece
     taken_at = snap.taken_at
     peer_pieces: list[tuple[Piece, ...]] = []
-    ages: list[str] = []
+    ages: list[bytes] = []
     old_peers, new_peers = cache.peers, {}
     for d in snap.devices:
         peers = d.peers
+        formats = [key_format(fam, d.name) for fam in peer_fams]
         for start, end in _blocks([p.public_key for p in peers]):
             block = peers[start:end]
             key = (d.name, block[0].public_key)
@@ -329,11 +347,11 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
                 made = hit.pieces
             else:
                 dn = d.name
-                counters = (
-                    piece("".join([rx((dn, p.public_key), p.rx_bytes) for p in block]).encode()),
-                    piece("".join([tx((dn, p.public_key), p.tx_bytes) for p in block]).encode()),
-                    piece("".join([last((dn, p.public_key), p.last_handshake)
-                                   for p in block]).encode()))
+                plain = not needs_escape("".join([p.public_key for p in block]))
+                counters = tuple(
+                    piece(_keyed_text(fmt if plain else None, line, dn, block, value))
+                    for fmt, line, value in zip(formats[2:5], (rx, tx, last), _COUNTERS,
+                                                strict=True))
                 if (hit is not None and hit.names == block_names
                         and len(hit.peers) == len(block)
                         and all(o.public_key == p.public_key and o.endpoint == p.endpoint
@@ -353,9 +371,10 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
                         *counters)
             new_peers[key] = _PeerBlock(block, block_names, made)
             peer_pieces.append(made)
-        for p in peers:
-            if p.last_handshake > 0:
-                ages.append(age((d.name, p.public_key), max(0.0, taken_at - p.last_handshake)))
+        shaken = [p for p in peers if p.last_handshake > 0]
+        plain = not needs_escape("".join([p.public_key for p in shaken]))
+        ages.append(_keyed_text(formats[5] if plain else None, age, d.name, shaken,
+                                lambda p: max(0.0, taken_at - p.last_handshake)))
     cache.peers = new_peers
     path_pieces: list[tuple[Piece, ...]] = []
     old_paths, new_paths = cache.paths, {}
@@ -377,7 +396,7 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
     for i, (head, _line) in enumerate(pf):
         out.append(cache.head(head))
         if i == 5:
-            out.append(piece("".join(ages).encode()))
+            out.append(piece(b"".join(ages)))
         else:
             out += [made[i] for made in peer_pieces]
     for i, (head, _line) in enumerate(qf):
