@@ -188,7 +188,8 @@ def vm_status() -> dict[str, float]:
 
 
 class _Pages:
-    """What `wgnest serve` serves without a prober: the refresher's pre-rendered bytes."""
+    """What `wgnest serve` serves without a prober, to a plain scrape (no gzip): the
+    refresher's compressed exposition, inflated (what a gzip scrape gets is its bytes)."""
 
     def __init__(self, state: Callable[[], Any]) -> None:
         self._state = state

@@ -138,6 +138,34 @@ def test_metrics_body_and_content_type(start: Callable[..., Server]) -> None:
     assert headers["Content-Length"] == str(len(BODY))
 
 
+class _SlowText(App):
+    """A plain text that takes a while to make (a gateway's inflate), counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def metrics(self) -> bytes:
+        self.made += 1
+        time.sleep(0.5)
+        return BODY + str(self.made).encode() + b"\n"
+
+
+def test_plain_scrapes_at_once_share_one_text(start: Callable[..., Server]) -> None:
+    """Plain scrapes that come while the text is being made wait for that one and share
+    its bytes (10,000 peers: 13 MB each otherwise); a later scrape makes a new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = _SlowText()
+    port = start(app).port
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _i: get(port), range(8)))
+    assert {g[0] for g in got} == {200}
+    assert {g[2] for g in got} == {BODY + b"1\n"}
+    assert app.made == 1
+    assert get(port)[2] == BODY + b"2\n"
+
+
 def test_custom_telemetry_path(start: Callable[..., Server]) -> None:
     port = start(telemetry_path="/probe").port
     assert get(port, "/probe")[2] == BODY

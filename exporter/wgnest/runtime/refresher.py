@@ -146,8 +146,11 @@ def tune_malloc() -> bool:
     scrape's inflated exposition or a dump's answer (megabytes) then comes from the heap and
     stays there once freed (10,000 peers: 92 -> 80 MiB). True if glibc took both."""
     mallopt = getattr(_LIBC, "mallopt", None)
-    return bool(mallopt is not None and mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1
-                and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+    if mallopt is None:
+        return False
+    arenas = mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1
+    threshold = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1  # (asked either way)
+    return bool(arenas and threshold)
 
 # renders the prober's state; the second argument is the netns label (None: unlabelled)
 ProbeRender = Callable[[ProbeSnapshot, str | None], bytes]
