@@ -136,14 +136,20 @@ def test_allowed_ips_info_one_series_per_allowed_ip_sorted_fully() -> None:
 
 
 def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
-    """wireguard_text (lines of unchanged peers and paths reused) writes exactly what
+    """wireguard_pieces (blocks of unchanged peers and paths reused) hold exactly what
     exposition(wireguard_families()) writes: on every scenario of the analysis tests, cold,
     warm, after a peer changed, a path changed and a name changed."""
     import dataclasses
 
     from tests.test_analysis import CASES
-    from wgnest.analysis.paths import diagnose
-    from wgnest.surfaces.metrics import LineCache, wireguard_families, wireguard_text
+    from wgnest.analysis.paths import PeerPath, diagnose
+    from wgnest.model.host import Snapshot
+    from wgnest.surfaces.gzipped import text_of
+    from wgnest.surfaces.metrics import LineCache, wireguard_families, wireguard_pieces
+
+    def wireguard_text(snap: Snapshot, paths: list[PeerPath], names: dict[str, str],
+                       cache: LineCache) -> bytes:
+        return text_of(wireguard_pieces(snap, paths, names, cache))
 
     for _name, build, *_rest in CASES:
         snap = build()

@@ -28,7 +28,7 @@ from wgnest.surfaces.exposition import (
     sample_value,
     with_label,
 )
-from wgnest.surfaces.gzipped import Deflater, Piece, text_of
+from wgnest.surfaces.gzipped import Deflater, Piece
 
 if TYPE_CHECKING:  # (prometheus_client's objects only where it is imported)
     from prometheus_client.core import Metric
@@ -310,13 +310,6 @@ def _keyed_text(fmt: str | None, line: Callable[..., str], device: str,
     if fmt is not None:
         return "".join([fmt % (p.public_key, sample_value(value(p))) for p in peers]).encode()
     return "".join([line((device, p.public_key), value(p)) for p in peers]).encode()
-
-
-def wireguard_text(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
-                   cache: LineCache) -> bytes:
-    """exposition(wireguard_families(snap, paths, names)), byte for byte (what
-    wireguard_pieces compresses)."""
-    return text_of(wireguard_pieces(snap, paths, names, cache))
 
 
 def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
