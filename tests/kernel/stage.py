@@ -16,7 +16,7 @@ and run tests/kernel/ inside it against real kernel WireGuard devices.
 
 When QEMU or the kernel cannot be had here, the stage is skipped (exit 0) with the reason,
 except on CI (CI=true), where that fails. A VM that outlives WGNEST_KERNEL_TIMEOUT seconds
-(default 600) is killed by its pid; no qemu process is ever left behind.
+(default 1200) is killed by its pid; no qemu process is ever left behind.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 CACHE = Path(os.environ.get("WGNEST_KERNEL_CACHE") or REPO / ".cache" / "kernel")
-TIMEOUT = float(os.environ.get("WGNEST_KERNEL_TIMEOUT") or 600)
+TIMEOUT = float(os.environ.get("WGNEST_KERNEL_TIMEOUT") or 1200)
 MEMORY = os.environ.get("WGNEST_KERNEL_MEMORY") or "2G"
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 META_PACKAGE = "linux-image-amd64"
