@@ -9,7 +9,7 @@ inside the namespace (`ip netns exec`), so RSS figures are per N and not cumulat
 * `wg show all dump` alone (the floor of exporters that parse it) and `wg show DEV dump`;
 * wgnest's refresh (`take()` + `diagnose()`), cold (new Reader: empty route cache, sockets to
   open) and warm (route cache hit);
-* render of the exposition (`refresher.render`) and an HTTP GET of /metrics against a real
+* render of the exposition (the families written whole) and an HTTP GET of /metrics against a real
   `wgnest.runtime.web.serve` on 127.0.0.1 serving the pre-rendered bytes (what a scrape costs);
 * VmRSS / VmHWM of a separate serve-like process (its imports, a Refresher, the HTTP server)
   after a few refreshes and scrapes, and the number of series.
@@ -219,12 +219,15 @@ def measure(dev: str, runs: int, profile: bool) -> dict[str, Any]:
     from wgnest.analysis.paths import PeerPath, diagnose
     from wgnest.model.host import Snapshot
     from wgnest.runtime import refresher as refresher_module
-    from wgnest.runtime.refresher import Refresher, render
+    from wgnest.runtime.refresher import Refresher
     from wgnest.runtime.web import serve
     from wgnest.snapshot import Reader, take
     from wgnest.sources.netstate import _open_default
-    from wgnest.surfaces.exposition import as_metrics
+    from wgnest.surfaces.exposition import as_metrics, exposition
     from wgnest.surfaces.metrics import wireguard_families
+
+    def render(snap: Any, paths: Any, names: Any) -> bytes:  # the families, written whole
+        return exposition(wireguard_families(snap, paths, names))
 
     _open_default().close()  # pyroute2's lazy import is a one-time cost, not a refresh's
     out: dict[str, Any] = {"rss_start": vm_status()["VmRSS"],

@@ -35,7 +35,6 @@ from wgnest.surfaces.metrics import (
     LineCache,
     exporter_families,
     netns_families,
-    wireguard_families,
     wireguard_pieces,
 )
 from wgnest.surfaces.report import netns_failures
@@ -89,10 +88,6 @@ class State:
         without gzip gets; Prometheus always asks for gzip): only the compressed form is
         kept (a 10,000-peer gateway: 3 MB, where the text is 13 MB)."""
         return inflate(self.gzipped)
-
-
-def render(snap: Snapshot, paths: list[PeerPath], names: Mapping[str, str]) -> bytes:
-    return exposition(wireguard_families(snap, paths, names))
 
 
 def render_views(views: Sequence[NetnsView], labelled: bool, names: Mapping[str, str],

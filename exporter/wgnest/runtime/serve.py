@@ -66,7 +66,7 @@ class _Pages:
 
     def metrics(self) -> bytes:
         """Rendered by the refresher (probe metrics included), kept compressed: a scrape
-        without gzip inflates it (10,000 peers: ~20 ms, in a thread)."""
+        without gzip inflates it (10,000 peers: 13 MB, in a thread)."""
         state = self.refresher.state
         return state.exposition if state is not None else b""
 

@@ -312,6 +312,19 @@ def _keyed_text(fmt: str | None, line: Callable[..., str], device: str,
     return "".join([line((device, p.public_key), value(p)) for p in peers]).encode()
 
 
+def _kept(hit: _PeerBlock, block: Sequence[Peer], names: tuple[str, ...],
+          same: Callable[[Peer, Peer], bool]) -> bool:
+    """Whether the block before holds the same peers, by `same`, with the same names."""
+    return (hit.names == names and len(hit.peers) == len(block)
+            and all(map(same, hit.peers, block)))
+
+
+def _same_info(old: Peer, new: Peer) -> bool:
+    """What a peer's info and allowed-IP lines are written from is unchanged."""
+    return (old.public_key == new.public_key and old.endpoint == new.endpoint
+            and old.allowed_ips == new.allowed_ips)
+
+
 def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
                      cache: LineCache) -> list[Piece]:
     """exposition(wireguard_families(snap, paths, names)) as compressed pieces, reusing
@@ -335,8 +348,7 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
             key = (d.name, block[0].public_key)
             block_names = tuple([names.get(p.public_key, "") for p in block])
             hit = old_peers.get(key)
-            if (hit is not None and hit.names == block_names and len(hit.peers) == len(block)
-                    and all(map(operator.is_, hit.peers, block))):
+            if hit is not None and _kept(hit, block, block_names, operator.is_):
                 made = hit.pieces
             else:
                 dn = d.name
@@ -345,11 +357,7 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
                     piece(_keyed_text(fmt if plain else None, line, dn, block, value))
                     for fmt, line, value in zip(formats[2:5], (rx, tx, last), _COUNTERS,
                                                 strict=True))
-                if (hit is not None and hit.names == block_names
-                        and len(hit.peers) == len(block)
-                        and all(o.public_key == p.public_key and o.endpoint == p.endpoint
-                                and o.allowed_ips == p.allowed_ips
-                                for o, p in zip(hit.peers, block, strict=True))):
+                if hit is not None and _kept(hit, block, block_names, _same_info):
                     made = (hit.pieces[0], hit.pieces[1], *counters)  # only counters moved
                 else:
                     made = (
