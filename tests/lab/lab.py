@@ -123,6 +123,19 @@ def built(lab: L, servers: int = 2) -> Iterator[L]:
         lab.close()
 
 
+def _link_local_settled(ns: str, dev: str, timeout: float = 10.0) -> None:
+    """Wait until `dev` has its final link-local address: the host's routes are then
+    what they stay for the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = run("ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link", ns=ns).stdout
+        if out and "tentative" not in out:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ns}/{dev}: no final link-local address in {timeout:.0f} s")
+        time.sleep(0.01)
+
+
 def genkey() -> tuple[str, str]:
     private = run("wg", "genkey").stdout.strip()
     public = run("wg", "pubkey", input=private + "\n").stdout.strip()
@@ -196,6 +209,10 @@ class Lab:
         run("ip", "netns", "add", ns)
         self.namespaces.append(ns)
         run("ip", "link", "set", "lo", "up", ns=ns)
+        # No DAD: a kernel-made link-local address would otherwise turn from tentative to
+        # final (adding its local route) a second or two later, in the middle of a test.
+        for conf in ("all", "default"):
+            run("sysctl", "-qw", f"net.ipv6.conf.{conf}.accept_dad=0", ns=ns)
         return ns
 
     def _attach(self, role: str, net: int) -> Host:
@@ -212,6 +229,8 @@ class Lab:
             run("ip", "link", "set", dev, "up", ns=n)
         run("ip", "route", "add", "default", "via", host.router_v4, ns=ns)
         run("ip", "-6", "route", "add", "default", "via", host.router_v6, ns=ns)
+        for n, dev in ((ns, inner), (self.router, outer)):
+            _link_local_settled(n, dev)
         self.hosts[role] = host
         return host
 
