@@ -220,3 +220,23 @@ def test_serving_never_imports_prometheus_client() -> None:
     # nor PyYAML (only with a web config) nor importlib.metadata (only for --version)
     unused = ("prometheus_client", "yaml", "importlib.metadata")
     assert run_fresh(code, *unused).stdout.split() == ["False"] * len(unused)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(TEXT, min_size=4, max_size=4), VALUES), max_size=8),
+       st.sampled_from([("zeta", "alpha", "mid", "beta"), ("a", "b", "c", "d"),
+                        ("d", "c", "b", "a")]), st.sampled_from(["gauge", "counter"]))
+def test_samples_writer_writes_what_line_writes(
+        rows: list[tuple[list[str], float]], labels: tuple[str, ...], kind: str) -> None:
+    """All samples at once (one escape check for all of them) is each sample by line()."""
+    from wgnest.surfaces.exposition import Family, light_format, samples_writer
+
+    fam = Family("wgtest_many", kind, "help", labels)
+    for values, value in rows:
+        fam.add(tuple(values), value)
+    form, write = light_format(fam), samples_writer(fam)
+    assert form is not None
+    assert write is not None
+    _head, line = form
+    assert write(fam.samples) == "".join(line(v, x) for v, x in fam.samples)
+    assert form[0] + write(fam.samples) == exposition([fam]).decode()

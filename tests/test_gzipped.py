@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from wgnest.analysis.paths import diagnose
 from wgnest.model.host import Device, Endpoint, Peer, Snapshot
 from wgnest.surfaces import gzipped
-from wgnest.surfaces.exposition import exposition
+from wgnest.surfaces.exposition import Family, exposition
 from wgnest.surfaces.gzipped import Deflater, gzip_of, inflate, text_of
 from wgnest.surfaces.metrics import (
     LineCache,
@@ -145,3 +145,155 @@ def test_labels_that_need_escaping_are_written_as_the_families_write_them() -> N
         got = text_of(wireguard_pieces(snap, paths, {}, LineCache()))
         assert got == exposition(wireguard_families(snap, paths, {}))
         assert b'public_key="k\\"2\\\\"' in got
+
+
+def _other(value: object) -> object:
+    """Another value of a PeerPath field's kind."""
+    from wgnest.analysis.paths import PathVerdict
+
+    if isinstance(value, PathVerdict):
+        return PathVerdict.DIRECT if value != PathVerdict.DIRECT else PathVerdict.NESTED
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, "x")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        field = next(f for f in dataclasses.fields(value) if isinstance(
+            getattr(value, f.name), int | str) and not isinstance(getattr(value, f.name), bool))
+        return dataclasses.replace(value, **{field.name: _other_scalar(getattr(value,
+                                                                               field.name))})
+    raise AssertionError(f"no other value for {value!r}")
+
+
+def _other_scalar(value: int | str) -> int | str:
+    return value + 1 if isinstance(value, int) else value + "x"
+
+
+def test_each_family_is_kept_only_when_what_it_is_written_from_is_unchanged() -> None:
+    """PATH_INPUTS and PEER_INPUTS name every field their families are written from:
+    changing any one field of a path (of every verdict the analysis tests make), or of a
+    peer, changes no family's text whose inputs stayed equal."""
+    from tests.test_analysis import CASES
+    from wgnest.surfaces.exposition import samples_writer
+    from wgnest.surfaces.metrics import PATH_INPUTS, PEER_INPUTS, peer_families
+
+    def texts(fams: list[Family]) -> list[str]:
+        out = []
+        for fam in fams:
+            write = samples_writer(fam)
+            assert write is not None
+            out.append(write(fam.samples))
+        return out
+
+    seen = set()
+    for _name, build, *_rest in CASES:
+        snap = build()
+        for path in diagnose(snap):
+            seen.add(path.verdict)
+            for f in dataclasses.fields(path):
+                value = getattr(path, f.name)
+                if value is None:
+                    continue
+                changed = dataclasses.replace(path, **{f.name: _other(value)})
+                before, after = texts(list(path_families([path]))), texts(
+                    list(path_families([changed])))
+                assert len(before) == len(PATH_INPUTS)
+                for i, inputs in enumerate(PATH_INPUTS):
+                    if before[i] != after[i]:
+                        assert inputs(path) != inputs(changed), (f.name, i)
+        for d in snap.devices:
+            for peer in d.peers:
+                for f in dataclasses.fields(peer):
+                    value = getattr(peer, f.name)
+                    if f.name == "allowed_ips":
+                        new = (*value, ipaddress.ip_network("192.0.2.0/24"))
+                    elif f.name == "endpoint" and value is not None:
+                        new = dataclasses.replace(value, port=value.port + 1)
+                    elif isinstance(value, int | float | str) and not isinstance(value, bool):
+                        new = value + 1 if not isinstance(value, str) else value + "x"
+                    else:
+                        continue
+                    changed = dataclasses.replace(peer, **{f.name: new})
+                    one = dataclasses.replace(snap, devices=(dataclasses.replace(
+                        d, peers=(peer,)),))
+                    two = dataclasses.replace(snap, devices=(dataclasses.replace(
+                        d, peers=(changed,)),))
+                    before = texts(list(peer_families(one, {}))[:2])
+                    after = texts(list(peer_families(two, {}))[:2])
+                    for i, inputs in enumerate(PEER_INPUTS):
+                        if before[i] != after[i]:
+                            assert inputs(peer) != inputs(changed), (f.name, i)
+    assert len(seen) >= 4  # direct, nested, loop, unknown at least
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 299), st.sampled_from(
+    ["rx", "endpoint", "allowed", "name", "gone", "gateway", "nested"])), max_size=40),
+    min_size=1, max_size=5))
+def test_any_churn_renders_what_the_families_write(rounds: list[list[tuple[int, str]]]
+                                                   ) -> None:
+    """Refresh after refresh of counters, endpoints, allowed IPs, names, peers gone and
+    paths changed: the pieces always hold exactly exposition(wireguard_families())."""
+    from wgnest.analysis.paths import PathVerdict
+
+    peers = {i: _peer(i) for i in range(1, 300)}
+    snap = _snap(tuple(peers.values()))
+    paths = {p.public_key: p for p in diagnose(snap)}
+    names: dict[str, str] = {}
+    cache = LineCache()
+    at = 1_700_000_100.0
+    for changes in [[], *rounds]:
+        for i, what in changes:
+            p = peers.get(i)
+            if p is None:
+                peers[i] = p = _peer(i)
+            key = p.public_key
+            if what == "rx":
+                peers[i] = dataclasses.replace(p, rx_bytes=p.rx_bytes + 1000)
+            elif what == "endpoint" and p.endpoint is not None:
+                peers[i] = dataclasses.replace(p, endpoint=dataclasses.replace(
+                    p.endpoint, port=p.endpoint.port + 1))
+            elif what == "allowed":
+                peers[i] = dataclasses.replace(p, allowed_ips=(
+                    *p.allowed_ips, ipaddress.ip_network(f"fd00::{i:x}/128")))
+            elif what == "name":
+                names[key] = names.get(key, "n") + '"'
+            elif what == "gone":
+                del peers[i]
+            elif what in ("gateway", "nested") and key in paths:
+                paths[key] = dataclasses.replace(paths[key], gateway="203.0.113.9") if (
+                    what == "gateway") else dataclasses.replace(
+                        paths[key], verdict=PathVerdict.NESTED, outer="wg9")
+        at += 5
+        snap = _snap(tuple(sorted(peers.values(), key=lambda p: p.public_key)), at)
+        fresh = {p.public_key: p for p in diagnose(snap)}
+        paths = {k: paths.get(k, fresh[k]) for k in fresh}
+        ordered = list(paths.values())
+        got = text_of(wireguard_pieces(snap, ordered, names, cache))
+        assert got == exposition(wireguard_families(snap, ordered, names))
+
+
+def test_a_moved_endpoint_keeps_its_blocks_allowed_ips_and_nesting_flags() -> None:
+    peers = tuple(_peer(i) for i in range(1, 400))
+    snap = _snap(peers)
+    paths = diagnose(snap)
+    cache = LineCache()
+    wireguard_pieces(snap, paths, {}, cache)
+    before = dict(cache.peers), dict(cache.paths)
+    p = peers[200]
+    assert p.endpoint is not None
+    moved = dataclasses.replace(p, endpoint=dataclasses.replace(p.endpoint, port=1))
+    snap2 = _snap((*peers[:200], moved, *peers[201:]), 1_700_000_105.0)
+    (i,) = [n for n, q in enumerate(paths) if q.public_key == p.public_key]
+    paths2 = [*paths[:i], dataclasses.replace(paths[i], endpoint=str(moved.endpoint)),
+              *paths[i + 1:]]
+    wireguard_pieces(snap2, paths2, {}, cache)
+    (peer_key,) = [k for k, b in cache.peers.items() if b.pieces is not before[0][k].pieces]
+    old, new = before[0][peer_key].pieces, cache.peers[peer_key].pieces
+    assert [a is b for a, b in zip(old, new, strict=True)] == [False, True, False, False,
+                                                               False]
+    (path_key,) = [k for k, b in cache.paths.items() if b.pieces is not before[1][k].pieces]
+    old, new = before[1][path_key].pieces, cache.paths[path_key].pieces
+    assert [a is b for a, b in zip(old, new, strict=True)] == [False, *[True] * 5]

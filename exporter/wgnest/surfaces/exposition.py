@@ -10,7 +10,9 @@ tests compare byte for byte."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -164,6 +166,33 @@ def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | flo
         return fmt % (*ordered, text)
 
     return head, line
+
+
+Samples = Sequence[tuple[tuple[str, ...], int | float]]
+
+
+def samples_writer(fam: Family) -> Callable[[Samples], str] | None:
+    """What writes many samples of the family at once, exactly as line() writes each: one
+    escape check over all their label values, then one %-format a sample (several times
+    faster than line() on a block of peers); None where light_format() is."""
+    form = light_format(fam)
+    if form is None:
+        return None
+    _head, line = form
+    sample = fam.name + "_total" if fam.kind == "counter" else fam.name
+    n = len(fam.labels)
+    if n < 2:  # (itemgetter of one index gives no tuple; such families are small)
+        return lambda samples: "".join([line(v, x) for v, x in samples])
+    order = sorted(range(n), key=lambda i: fam.labels[i])
+    fmt = sample + "{" + ",".join(f'{fam.labels[i]}="%s"' for i in order) + "} %s\n"
+    ordered = operator.itemgetter(*order)
+
+    def write(samples: Samples) -> str:
+        if _SPECIAL.search("".join(itertools.chain.from_iterable(v for v, _ in samples))):
+            return "".join([line(v, x) for v, x in samples])
+        return "".join([fmt % (*ordered(v), sample_value(x)) for v, x in samples])
+
+    return write
 
 
 def needs_escape(text: str) -> bool:

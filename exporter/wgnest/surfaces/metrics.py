@@ -9,7 +9,7 @@ import dataclasses
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from wgnest import __version__
 from wgnest.analysis.fixes import FixKind
@@ -18,6 +18,7 @@ from wgnest.model.failures import REASONS, SourceFailure, failed_collectors
 from wgnest.model.host import IPNetwork, Peer, Snapshot
 from wgnest.surfaces.exposition import (
     Family,
+    Samples,
     counter,
     exposition,
     gauge,
@@ -26,6 +27,7 @@ from wgnest.surfaces.exposition import (
     merged,
     needs_escape,
     sample_value,
+    samples_writer,
     with_label,
 )
 from wgnest.surfaces.gzipped import Deflater, Piece
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # (prometheus_client's objects only where it is imported)
     from prometheus_client.core import Metric
 
 DP = ("device", "public_key")
+_T = TypeVar("_T")
 
 
 _LABELS_MAX = 1 << 16
@@ -255,6 +258,24 @@ def _blocks(keys: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
+# What each family of path_families() is written from, in its order: the lines of a block
+# of paths whose inputs are all equal are kept (a test changes each field of a PeerPath and
+# checks that a family whose text changes has that field among its inputs).
+PATH_INPUTS: tuple[Callable[[PeerPath], object], ...] = (
+    operator.attrgetter("device", "public_key", "endpoint", "egress", "table", "gateway"),
+    operator.attrgetter("device", "public_key", "verdict", "outer", "outer_netns"),
+    operator.attrgetter("device", "public_key", "verdict"),
+    operator.attrgetter("device", "public_key", "allowed"),
+    operator.attrgetter("device", "public_key", "verdict", "fix"),
+    operator.attrgetter("device", "public_key", "verdict", "mtu"),
+)
+# the same for peer_families()' info and allowed-IP families (the names are compared apart)
+PEER_INPUTS: tuple[Callable[[Peer], object], ...] = (
+    operator.attrgetter("public_key", "endpoint", "allowed_ips"),
+    operator.attrgetter("public_key", "allowed_ips"),
+)
+
+
 @dataclass(slots=True)
 class _PeerBlock:
     peers: tuple[Peer, ...]
@@ -272,9 +293,11 @@ class LineCache:
     """The compressed lines of each block of peers and of paths as last rendered. An
     unchanged peer comes back as the same Peer object (the sources reuse it) and its path as
     the same PeerPath (the diagnosis reuses it), so a block of them is reused, neither
-    formatted nor compressed again; a block whose peers only moved counters keeps its info
-    and allowed-IP pieces. Only the handshake ages, which move with the snapshot's time,
-    are always new. Blocks are keyed by device and first key; one thread renders."""
+    formatted nor compressed again. In a block that changed, a family's piece is kept when
+    what it is written from is equal for every peer or path of the block (PEER_INPUTS,
+    PATH_INPUTS): a moved counter leaves the info lines, a moved endpoint the allowed IPs
+    and the nesting flags. Only the handshake ages, which move with the snapshot's time, are
+    always new. Blocks are keyed by device and first key; one thread renders."""
 
     def __init__(self) -> None:
         self.peers: dict[tuple[str, str], _PeerBlock] = {}
@@ -289,13 +312,14 @@ class LineCache:
         return got
 
 
-def _formats(families: Sequence[Family]) -> list[tuple[str, Callable[..., str]]]:
+def _writers(families: Sequence[Family]) -> list[tuple[str, Callable[[Samples], str]]]:
+    """Each family's header and the writer of its samples."""
     out = []
     for fam in families:
-        form = light_format(fam)
-        if form is None:  # (every name here is valid: never taken)
+        form, write = light_format(fam), samples_writer(fam)
+        if form is None or write is None:  # (every name here is valid: never taken)
             raise ValueError(f"family {fam.name} cannot be written by the fast path")
-        out.append(form)
+        out.append((form[0], write))
     return out
 
 
@@ -303,26 +327,57 @@ _COUNTERS = (operator.attrgetter("rx_bytes"), operator.attrgetter("tx_bytes"),
              operator.attrgetter("last_handshake"))
 
 
-def _keyed_text(fmt: str | None, line: Callable[..., str], device: str,
+def _keyed_text(fmt: str | None, write: Callable[[Samples], str], device: str,
                 peers: Sequence[Peer], value: Callable[[Peer], int | float]) -> bytes:
     """The samples of a (device, public_key) family for these peers: through key_format's
-    %-format when there is one (no label needs escaping: 2-3x faster), else line()."""
+    %-format when there is one (no label needs escaping), else `write`."""
     if fmt is not None:
         return "".join([fmt % (p.public_key, sample_value(value(p))) for p in peers]).encode()
-    return "".join([line((device, p.public_key), value(p)) for p in peers]).encode()
+    return write([((device, p.public_key), value(p)) for p in peers]).encode()
 
 
-def _kept(hit: _PeerBlock, block: Sequence[Peer], names: tuple[str, ...],
-          same: Callable[[Peer, Peer], bool]) -> bool:
-    """Whether the block before holds the same peers, by `same`, with the same names."""
-    return (hit.names == names and len(hit.peers) == len(block)
-            and all(map(same, hit.peers, block)))
+def _same(old: Sequence[_T], new: Sequence[_T], inputs: Callable[[_T], object]) -> bool:
+    """Whether two blocks hold as many items, each the same object or equal in `inputs`."""
+    return len(old) == len(new) and all(
+        a is b or inputs(a) == inputs(b) for a, b in zip(old, new, strict=True))
 
 
-def _same_info(old: Peer, new: Peer) -> bool:
-    """What a peer's info and allowed-IP lines are written from is unchanged."""
-    return (old.public_key == new.public_key and old.endpoint == new.endpoint
-            and old.allowed_ips == new.allowed_ips)
+def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
+                 hit: _PeerBlock | None, writers: Sequence[Callable[[Samples], str]],
+                 formats: Sequence[str | None], piece: Callable[[bytes], Piece]
+                 ) -> tuple[Piece, ...]:
+    """The pieces of one block of peers: those of `hit`, the block before, where kept."""
+    if hit is not None and hit.names == names and len(hit.peers) == len(block) and all(
+            map(operator.is_, hit.peers, block)):
+        return hit.pieces
+    info, allowed, rx, tx, last = writers[:5]
+    plain = not needs_escape("".join([p.public_key for p in block]))
+    counters = tuple(piece(_keyed_text(fmt if plain else None, write, dn, block, value))
+                     for fmt, write, value in zip(formats[2:5], (rx, tx, last), _COUNTERS,
+                                                  strict=True))
+    info_piece = hit.pieces[0] if hit is not None and hit.names == names and _same(
+        hit.peers, block, PEER_INPUTS[0]) else piece(info([
+            ((dn, p.public_key, str(p.endpoint or ""), n, allowed_ips_label(p)), 1)
+            for p, n in zip(block, names, strict=True)]).encode())
+    allowed_piece = hit.pieces[1] if hit is not None and _same(
+        hit.peers, block, PEER_INPUTS[1]) else piece(allowed([
+        ((dn, p.public_key, _net_text(net), FAMILY[net.version]), 1)
+        for p in block for net in sorted(p.allowed_ips, key=_order)]).encode())
+    return (info_piece, allowed_piece, *counters)
+
+
+def _path_pieces(run: tuple[PeerPath, ...], hit: _PathBlock | None,
+                 writers: Sequence[Callable[[Samples], str]], piece: Callable[[bytes], Piece]
+                 ) -> tuple[Piece, ...]:
+    if hit is None or len(hit.paths) != len(run):
+        kept = [False] * len(PATH_INPUTS)
+    elif all(map(operator.is_, hit.paths, run)):
+        return hit.pieces
+    else:
+        kept = [_same(hit.paths, run, inputs) for inputs in PATH_INPUTS]
+    return tuple(
+        hit.pieces[i] if hit is not None and kept[i] else piece(write(fam.samples).encode())
+        for i, (fam, write) in enumerate(zip(path_families(run), writers, strict=True)))
 
 
 def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
@@ -332,9 +387,9 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
     render's)."""
     empty = dataclasses.replace(snap, devices=())
     peer_fams = list(peer_families(empty, {}))
-    pf = _formats(peer_fams)
-    qf = _formats(list(path_families(())))
-    info, allowed, rx, tx, last, age = (line for _head, line in pf)
+    pw = _writers(peer_fams)
+    qw = _writers(list(path_families(())))
+    peer_writers = [write for _head, write in pw]
     piece = cache.deflater.piece
     taken_at = snap.taken_at
     peer_pieces: list[tuple[Piece, ...]] = []
@@ -347,60 +402,33 @@ def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[s
             block = peers[start:end]
             key = (d.name, block[0].public_key)
             block_names = tuple([names.get(p.public_key, "") for p in block])
-            hit = old_peers.get(key)
-            if hit is not None and _kept(hit, block, block_names, operator.is_):
-                made = hit.pieces
-            else:
-                dn = d.name
-                plain = not needs_escape("".join([p.public_key for p in block]))
-                counters = tuple(
-                    piece(_keyed_text(fmt if plain else None, line, dn, block, value))
-                    for fmt, line, value in zip(formats[2:5], (rx, tx, last), _COUNTERS,
-                                                strict=True))
-                if hit is not None and _kept(hit, block, block_names, _same_info):
-                    made = (hit.pieces[0], hit.pieces[1], *counters)  # only counters moved
-                else:
-                    made = (
-                        piece("".join([
-                            info((dn, p.public_key, str(p.endpoint or ""), n,
-                                  allowed_ips_label(p)), 1)
-                            for p, n in zip(block, block_names, strict=True)]).encode()),
-                        piece("".join([
-                            allowed((dn, p.public_key, _net_text(net), FAMILY[net.version]), 1)
-                            for p in block
-                            for net in sorted(p.allowed_ips, key=_order)]).encode()),
-                        *counters)
+            made = _peer_pieces(d.name, block, block_names, old_peers.get(key), peer_writers,
+                                formats, piece)
             new_peers[key] = _PeerBlock(block, block_names, made)
             peer_pieces.append(made)
         shaken = [p for p in peers if p.last_handshake > 0]
         plain = not needs_escape("".join([p.public_key for p in shaken]))
-        ages.append(_keyed_text(formats[5] if plain else None, age, d.name, shaken,
+        ages.append(_keyed_text(formats[5] if plain else None, peer_writers[5], d.name, shaken,
                                 lambda p: max(0.0, taken_at - p.last_handshake)))
     cache.peers = new_peers
     path_pieces: list[tuple[Piece, ...]] = []
     old_paths, new_paths = cache.paths, {}
+    path_writers = [write for _head, write in qw]
     for start, end in _blocks([p.public_key for p in paths]):
         run = tuple(paths[start:end])
         key = (run[0].device, run[0].public_key)
-        got = old_paths.get(key)
-        if got is not None and len(got.paths) == len(run) and all(
-                map(operator.is_, got.paths, run)):
-            made = got.pieces
-        else:
-            made = tuple(
-                piece("".join([line(v, x) for v, x in fam.samples]).encode())
-                for fam, (_head, line) in zip(path_families(run), qf, strict=True))
+        made = _path_pieces(run, old_paths.get(key), path_writers, piece)
         new_paths[key] = _PathBlock(run, made)
         path_pieces.append(made)
     cache.paths = new_paths
     out = [piece(exposition(device_families(snap)))]
-    for i, (head, _line) in enumerate(pf):
+    for i, (head, _write) in enumerate(pw):
         out.append(cache.head(head))
         if i == 5:
             out.append(piece(b"".join(ages)))
         else:
             out += [made[i] for made in peer_pieces]
-    for i, (head, _line) in enumerate(qf):
+    for i, (head, _write) in enumerate(qw):
         out.append(cache.head(head))
         out += [made[i] for made in path_pieces]
     return out
