@@ -420,6 +420,7 @@ def measure_store(peers: int) -> dict[str, Any]:
         for _ in range(prober.window + prober.baseline):
             series.add(rtt, "")
             rtt = 0.01 + (rtt * 7.31) % 0.01  # distinct floats, as real RTTs are
+    prober._dirty.update(prober._store)  # probed: as a round marks them
     snapshot = prober.snapshot()
     gc.collect()
     after = vm_status()["VmRSS"]

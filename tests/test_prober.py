@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import secrets
@@ -216,7 +217,7 @@ def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
     (no copy), which it copies before its next change, so the snapshot never moves."""
     from wgnest.probe.prober import _Ring
     ring = _Ring(4)
-    assert ring.live() == ()  # no array until a value comes
+    assert ring.shared() == ()  # no array until a value comes
     for x in range(1, 7):
         ring.append(float(x))
     given = ring.shared()
@@ -238,13 +239,35 @@ def test_unprobed_series_and_no_histograms_keep_no_arrays() -> None:
     p = FakeProber(lambda: plan, {}, histograms=False)
     p._adopt(plan)  # the series exist, none probed yet
     fresh = p.snapshot().series["wg0", "k1", "transport"]
-    assert (fresh.buckets, fresh.recent, fresh.baseline) == ((), (), ())
+    assert (fresh.buckets, fresh.window, fresh.baseline) == ((), (), ())
     for _ in range(3):
         p.run_once()
     s = p.snapshot().series["wg0", "k1", "transport"]
     assert (s.buckets, s.received, len(s.recent), len(s.baseline)) == ((), 3, 3, 3)
     assert s.rtt_sum == pytest.approx(sum(s.baseline))
     assert p.snapshot().series["wg0", "k1", "direct"].baseline == ()
+
+
+def test_a_series_snapshot_holds_the_rings_arrays_not_copies() -> None:
+    """Between two probes a series' window and baseline exist once, in its ring and its
+    snapshot alike; a probe then leaves the snapshot taken before as it was."""
+    plan = [target("198.18.0.2", "tunnel"), target("198.18.0.3", "direct")]
+    p = FakeProber(lambda: plan, {"198.18.0.3": "silent"})
+    for _ in range(3):
+        p.run_once()
+    key = ("wg0", "k1", "tunnel")
+    s = p.snapshot().series[key]
+    ring = p._store[key]
+    assert s.window is ring.window.shared()
+    assert s.baseline is ring.baseline.shared()
+    before = list(s.window)
+    lost = p.snapshot().series["wg0", "k1", "direct"]
+    assert (lost.recent, lost.recent_sent, lost.loss) == ([], 3, 1.0)
+    p.run_once()
+    assert list(s.window) == before
+    after = p.snapshot().series[key]
+    assert after.window is not s.window
+    assert (after.recent_sent, len(after.recent), after.loss) == (4, 4, 0.0)
 
 
 def test_start_stop_fake() -> None:
@@ -285,8 +308,9 @@ def test_disabled_prober_reports_and_exports_nothing() -> None:
 
 def series(path: str, rtts: Sequence[float], sent: int, key: str = "k1") -> SeriesSnapshot:
     buckets = tuple(sum(r <= b for r in rtts) for b in BUCKETS)
+    window = (*rtts, *[math.nan] * (sent - len(rtts)))  # the lost ones: NaN
     return SeriesSnapshot(target(f"198.18.0.{len(path)}", path, key=key), sent, len(rtts),
-                          buckets, sum(rtts), tuple(rtts), sent, tuple(rtts))
+                          buckets, sum(rtts), window, tuple(rtts))
 
 
 def render(snap: ProbeSnapshot) -> str:

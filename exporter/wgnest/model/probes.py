@@ -38,18 +38,28 @@ class SeriesSnapshot:
     received: int
     buckets: Sequence[int]  # cumulative counts, one per BUCKETS bound; () without histograms
     rtt_sum: float  # seconds
-    # RTTs of the last `window` probes (lost ones left out), in no particular order
-    recent: Sequence[float]
-    recent_sent: int  # probes in the window, answered or not
+    # RTTs of the last `window` probes, NaN for those unanswered, in no particular order:
+    # the prober's own array, shared until the series is probed again (no copy per series)
+    window: Sequence[float]
     # RTTs of the last `baseline` answered probes, in no particular order (a compact array;
     # none kept for the direct path, whose baseline no verdict reads)
     baseline: Sequence[float]
     error: str = ""  # why the last probe to this target failed to send; silence is no error
 
     @property
+    def recent(self) -> list[float]:
+        """RTTs of the window's answered probes, in no particular order."""
+        return [x for x in self.window if x == x]  # (NaN != NaN: lost)
+
+    @property
+    def recent_sent(self) -> int:
+        """Probes in the window, answered or not."""
+        return len(self.window)
+
+    @property
     def loss(self) -> float | None:
         """Lost fraction of the recent window; None when nothing was sent."""
-        return 1 - len(self.recent) / self.recent_sent if self.recent_sent else None
+        return 1 - len(self.recent) / len(self.window) if self.window else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,14 +89,10 @@ class _Ring:
             values[self._next] = value
             self._next = (self._next + 1) % self._size
 
-    def live(self) -> Sequence[float]:
-        """The values in no particular order: the array itself, to read at once."""
-        return self._values
-
     def shared(self) -> Sequence[float]:
         """The values in no particular order, not copied: the array itself, which the ring
         then copies before its next change (copy on write), so a series' snapshot and its
-        ring hold one baseline between probes, not two. () when empty."""
+        ring hold one window and one baseline between probes, not two. () when empty."""
         if not self._values:
             return ()
         self._shared = True
@@ -133,13 +129,10 @@ class _Series:
 
     def snapshot(self) -> SeriesSnapshot:
         if self.made is None:
-            window = self.window.live()
-            answered = [x for x in window if x == x]  # (NaN != NaN: lost)
             self.made = SeriesSnapshot(  # flat arrays: a float object each would be 3x
                 self.target, self.sent, self.received,
                 array("q", itertools.accumulate(self.counts[:-1])) if self.counts else (),
-                self.rtt_sum, array("d", answered) if answered else (), len(window),
-                self.baseline.shared(), self.error)
+                self.rtt_sum, self.window.shared(), self.baseline.shared(), self.error)
         return self.made
 
 
