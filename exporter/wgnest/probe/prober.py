@@ -99,6 +99,10 @@ class _Ring:
         return self._values
 
 
+# the baseline of a path no verdict reads one of (a gateway's 20,000 direct and transport
+# series): one ring for all of them, which never holds a value
+_NO_RING = _Ring(0, "f")
+
 LOST = math.nan  # a probe of the window that had no answer
 
 
@@ -285,7 +289,7 @@ class Prober:
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
                 s = self._store[key] = _Series(
-                    t, _Ring(self.window), _Ring(self.baseline if keep else 0, "f"),
+                    t, _Ring(self.window), _Ring(self.baseline, "f") if keep else _NO_RING,
                     counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
             elif keep and not s.baseline.size and self.baseline:  # its tunnel path went
                 s.baseline, s.made = _Ring(self.baseline, "f"), None
