@@ -126,12 +126,18 @@ def test_a_small_text_is_compressed_whole() -> None:
     lines = [f"# HELP wireguard_peer_{i} Something about peers.\n# TYPE wireguard_peer_{i} "
              f'gauge\nwireguard_peer_{i}{{device="wg0"}} 1.0\n'.encode() for i in range(60)]
     pieces = [d.piece(t) for t in lines]
-    small = gzipped.member_of(pieces, d)
+    (small,) = gzipped.member_of(pieces, d)
     assert inflate(small) == b"".join(lines)
     assert len(small) < len(gzip_of(pieces)) / 2
     big = [d.piece(t * 40) for t in lines]  # 60 pieces of 4 KB: above WHOLE_BELOW
     assert sum(p.size for p in big) >= gzipped.WHOLE_BELOW
-    assert gzipped.member_of(big, d) == gzip_of(big)
+    member = gzipped.member_of(big, d)
+    assert b"".join(member) == gzip_of(big)
+    # in chunks: the pieces' own bytes, not copies, between the header and the trailer
+    assert all(c is p.deflated for c, p in zip(member[1:-1], big, strict=True))
+    assert inflate(member) == b"".join(t * 40 for t in lines)
+    with pytest.raises(zlib.error):
+        inflate(member[:-1])  # no trailer: not a whole member
 
 
 def test_labels_that_need_escaping_are_written_as_the_families_write_them() -> None:

@@ -719,3 +719,82 @@ def test_fuzz_requests_never_500(fuzz_port: int, head: bytes, auth: str) -> None
         if answer.startswith(b"HTTP/"):
             assert status_of(answer) < 500 or status_of(answer) == 505, answer[:80]
         assert b"Traceback" not in answer
+
+
+def test_tls_and_basic_auth_load_openssl_only_when_configured(certs: Path, pw_hash: str
+                                                              ) -> None:
+    """Serving without a web config loads neither ssl, OpenSSL's hashes nor bcrypt (asyncio,
+    which icmplib and the server import, is imported with ssl hidden: 5 MiB resident); a
+    config with TLS and basic auth then loads them, and an HTTPS scrape with a password
+    works in that same process."""
+    from tests.fresh_python import run_fresh
+
+    cfg = write_cfg(certs, f"tls_server_config:\n  cert_file: {certs / 'c'}\n  key_file: "
+                           f"{certs / 'k'}\nbasic_auth_users:\n  alice: {pw_hash}\n",
+                    "fresh.yml")
+    code = f"""
+import base64, sys
+from pathlib import Path
+import wgnest.runtime.serve, wgnest.probe.icmp, asyncio
+from wgnest.runtime.web import serve
+from wgnest.runtime.webconfig import load_web_config
+loaded = lambda: [m for m in ("ssl", "_ssl", "_hashlib", "bcrypt") if m in sys.modules]
+print("before", *loaded())
+class App:
+    def metrics(self): return {BODY!r}
+    def status_page(self): return ""
+srv = serve("127.0.0.1:0", App(), web_config=load_web_config(Path({str(cfg)!r})))
+print("after", *loaded())
+import http.client, ssl
+ctx = ssl.create_default_context(cafile={str(certs / 'c')!r})
+conn = http.client.HTTPSConnection("localhost", srv.port, timeout=10, context=ctx)
+auth = "Basic " + base64.b64encode("alice:{PASSWORD}".encode()).decode()
+conn.request("GET", "/metrics", headers={{"Authorization": auth}})
+resp = conn.getresponse()
+print("status", resp.status, resp.read() == {BODY!r})
+conn.request("GET", "/metrics")
+print("status", conn.getresponse().status)
+srv.shutdown()
+"""
+    out = run_fresh(code).stdout.splitlines()
+    assert out == ["before", "after ssl _ssl _hashlib bcrypt", "status 200 True",
+                   "status 401"]
+
+
+class ChunkedApp(App):
+    """A gzip body in chunks, as the refresher keeps it: small ones and one above a write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import gzip
+        import random
+
+        rng = random.Random(7)
+        text = b"".join(b"x%d %d\n" % (i, rng.getrandbits(64)) for i in range(60000))
+        member = gzip.compress(text, mtime=0)
+        assert len(member) > 50_000 + 2 * web._WRITE_CHUNK
+        # 500 small chunks, then one that takes more than two writes
+        self.chunks = (*(member[i:i + 100] for i in range(0, 50_000, 100)), member[50_000:])
+        self.member = member
+
+    def metrics_gzip(self) -> tuple[bytes, ...]:
+        return self.chunks
+
+
+def test_a_gzip_body_in_chunks_is_sent_whole(start: Callable[..., Server]) -> None:
+    app = ChunkedApp()
+    port = start(app).port
+    status, headers, body = get(port, headers={"Accept-Encoding": "gzip"})
+    assert (status, headers["Content-Encoding"]) == (200, "gzip")
+    assert int(headers["Content-Length"]) == len(app.member)
+    assert body == app.member
+    status, headers, body = get(port, method="HEAD", headers={"Accept-Encoding": "gzip"})
+    assert (status, int(headers["Content-Length"]), body) == (200, len(app.member), b"")
+
+
+def test_writes_join_small_chunks_and_cut_large_ones() -> None:
+    chunks = (b"a" * 3, b"b" * 10, b"c" * 25, b"d", b"e" * 4)
+    writes = list(web._writes(chunks, 8))
+    assert b"".join(writes) == b"".join(chunks)
+    assert writes == [b"aaa", b"b" * 8, b"bb", b"c" * 8, b"c" * 8, b"c" * 8, b"c", b"deeee"]
+    assert list(web._writes((), 8)) == []

@@ -17,7 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from icmplib import ICMPLibError, ICMPv4Socket, ICMPv6Socket, SocketPermissionError
+from wgnest.lean_imports import import_asyncio_without_ssl
+
+import_asyncio_without_ssl()  # (icmplib imports asyncio)
+from icmplib import ICMPLibError, ICMPv4Socket, ICMPv6Socket, SocketPermissionError  # noqa: E402
 
 SO_BINDTODEVICE, SO_MARK, SO_TIMESTAMPNS, SO_RCVBUFFORCE = 25, 36, 35, 33
 RCVBUF = 2 << 20  # bytes asked (the kernel doubles it): a round's replies queue while it sends

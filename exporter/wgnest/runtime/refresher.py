@@ -29,7 +29,7 @@ from wgnest.model.probes import ProbeSnapshot
 from wgnest.periodic import Periodic
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
-from wgnest.surfaces.gzipped import Piece, inflate, member_of
+from wgnest.surfaces.gzipped import Member, Piece, inflate, member_of
 from wgnest.surfaces.metrics import (
     Health,
     LineCache,
@@ -74,7 +74,9 @@ class State:
     paths: list[PeerPath]
     probes: ProbeSnapshot | None  # the prober's state when this was rendered; None: no prober
     body: tuple[Piece, ...]  # the WireGuard and probe families, compressed
-    gzipped: bytes  # those, then the exporter's health families: the exposition as gzip
+    # those, then the exporter's health families: the exposition as one gzip member, in
+    # chunks that are the pieces' own bytes (sent one after the other, never joined)
+    gzipped: Member
     # per namespace, every device and its path, reported or not: what the next diagnosis
     # can reuse
     analysed: dict[str, tuple[Snapshot, list[PeerPath]]] | None = None

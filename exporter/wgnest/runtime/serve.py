@@ -26,7 +26,7 @@ from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names
 from wgnest.surfaces import status_page
 from wgnest.surfaces.exposition import exposition, with_label
-from wgnest.surfaces.gzipped import gzip_of
+from wgnest.surfaces.gzipped import Member, gzip_chunks
 from wgnest.surfaces.probe_metrics import ProbeLines, probe_families, probe_text
 
 log = logging.getLogger("wgnest")
@@ -70,10 +70,10 @@ class _Pages:
         state = self.refresher.state
         return state.exposition if state is not None else b""
 
-    def metrics_gzip(self) -> bytes:
-        """What a scrape with gzip gets: the very bytes the refresher kept."""
+    def metrics_gzip(self) -> Member:
+        """What a scrape with gzip gets: the very bytes the refresher kept, in chunks."""
         state = self.refresher.state
-        return state.gzipped if state is not None else gzip_of(())
+        return state.gzipped if state is not None else gzip_chunks(())
 
     def status_page(self) -> str:
         state = self.refresher.state

@@ -26,12 +26,10 @@ failures are never cached.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import collections
 import contextlib
-import hmac
 import http
 import ipaddress
 import logging
@@ -39,19 +37,24 @@ import os
 import re
 import resource
 import socket
-import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import bcrypt
 import h11
 
+from wgnest.lean_imports import import_asyncio_without_ssl
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, bcrypt_problem, build_ssl_context
+
+import_asyncio_without_ssl()
+import asyncio  # noqa: E402
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,28 @@ def accepts_gzip(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+def _writes(chunks: Sequence[bytes], size: int) -> Iterator[bytes]:
+    """The chunks as writes of about `size` bytes: runs of small ones joined (a gateway's
+    gzip member is ~2,000 pieces), large ones cut."""
+    run: list[bytes] = []
+    held = 0
+    for chunk in chunks:
+        if len(chunk) >= size:
+            if run:
+                yield b"".join(run)
+                run, held = [], 0
+            for start in range(0, len(chunk), size):
+                yield chunk[start:start + size]
+            continue
+        run.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield b"".join(run)
+            run, held = [], 0
+    if run:
+        yield b"".join(run)
+
+
 class Handlers(Protocol):
     def metrics(self) -> bytes: ...  # the rendered exposition body; cheap, no netlink I/O
     def status_page(self) -> str: ...  # HTML for "/"
@@ -128,6 +153,9 @@ class _CheckPool:
     recently, a bucket runs one job at a time, and slow hashes one at a time in all."""
 
     def __init__(self, workers: int) -> None:
+        import bcrypt  # (only with basic auth users)
+
+        self._bcrypt = bcrypt
         self._cond = threading.Condition()
         self._queues: dict[Bucket, collections.deque[_Job]] = {}
         self._started: collections.OrderedDict[Bucket, float] = collections.OrderedDict()
@@ -205,7 +233,7 @@ class _CheckPool:
                 if job is None:
                     return
             try:
-                ok = bcrypt.checkpw(job.password, job.hashed)
+                ok = self._bcrypt.checkpw(job.password, job.hashed)
             except ValueError:
                 ok = False
             with self._cond:
@@ -263,6 +291,9 @@ class _BasicAuth:
         # An unknown user costs the cheapest real check, so timing does not tell who exists.
         cheapest = min(users, key=lambda u: int(users[u][4:6]))
         self._dummy = (self._users[cheapest], self._slow[cheapest])
+        import hmac  # (only with basic auth users: it loads OpenSSL's libcrypto)
+
+        self._digest = hmac.digest
         self._secret = os.urandom(32)
         self._cache: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._pending: dict[bytes, _Pending] = {}
@@ -287,7 +318,7 @@ class _BasicAuth:
             slow = self._slow[creds.user]
         else:
             hashed, slow = self._dummy
-        key = hmac.digest(self._secret, struct.pack("!I", len(creds.user_bytes))
+        key = self._digest(self._secret, struct.pack("!I", len(creds.user_bytes))
                           + creds.user_bytes + hashed + creds.password, "sha256")
         if known and key in self._cache:
             self._cache.move_to_end(key)
@@ -375,6 +406,8 @@ class _TLSStream(_Stream):
                      context: ssl.SSLContext) -> _TLSStream:
         """Handshake. OpenSSL's state is made only once the client has sent a first byte: a
         connection that never sends a ClientHello costs no more than a plain one."""
+        import ssl  # (loaded with the TLS config: no new import here)
+
         first = await reader.read(_READ_SIZE)
         if not first:
             raise ConnectionResetError("closed before the TLS handshake")
@@ -398,6 +431,8 @@ class _TLSStream(_Stream):
         return True
 
     async def _handshake(self) -> None:
+        import ssl
+
         while True:
             try:
                 self._tls.do_handshake()
@@ -410,6 +445,8 @@ class _TLSStream(_Stream):
                 raise ConnectionResetError("closed during the TLS handshake")
 
     async def read(self) -> bytes:
+        import ssl
+
         while True:
             try:
                 data = self._tls.read(_READ_SIZE)
@@ -434,6 +471,8 @@ class _TLSStream(_Stream):
         return False  # TLS cannot half-close; the linger waits for the client to close
 
     def close(self) -> None:
+        import ssl
+
         with contextlib.suppress(ssl.SSLError, ValueError):
             self._tls.unwrap()  # close_notify; the client's own is not waited for
         with contextlib.suppress(ssl.SSLError, ValueError):
@@ -707,20 +746,23 @@ class _App:
         return await self._respond(conn, stream, h, req, status, body, close, (), ctype)
 
     async def _respond(self, conn: _Conn, stream: _Stream, h: h11.Connection,
-                       req: h11.Request, status: int, body: bytes, close: bool,
-                       headers: tuple[tuple[bytes, bytes], ...] = (),
+                       req: h11.Request, status: int, body: bytes | Sequence[bytes],
+                       close: bool, headers: tuple[tuple[bytes, bytes], ...] = (),
                        ctype: bytes = b"text/plain; charset=utf-8") -> bool:
-        fields = [(b"Content-Type", ctype), (b"Content-Length", b"%d" % len(body)),
+        """`body`: bytes, or chunks sent one after the other (the gzip member as the
+        refresher keeps it: never joined into one copy)."""
+        chunks = (body,) if isinstance(body, bytes) else body
+        length = sum(map(len, chunks))
+        fields = [(b"Content-Type", ctype), (b"Content-Length", b"%d" % length),
                   (b"Server", b"wgnest"), *headers, *self.extra_headers]
         if close:
             fields.append((b"Connection", b"close"))
         head = h.send(h11.Response(status_code=status, headers=fields,
                                    reason=_REASONS.get(status, b"")))
         stream.write(head or b"")
-        if req.method != b"HEAD" and body:
-            view = memoryview(h.send(h11.Data(data=body)) or b"")
-            for start in range(0, len(view), _WRITE_CHUNK):
-                stream.write(view[start:start + _WRITE_CHUNK])
+        if req.method != b"HEAD" and length:
+            for data in _writes(chunks, _WRITE_CHUNK):
+                stream.write(h.send(h11.Data(data=data)) or b"")
                 await self._drain(conn, stream)
         h.send(h11.EndOfMessage())
         await self._drain(conn, stream)

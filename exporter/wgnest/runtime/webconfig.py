@@ -19,25 +19,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import ssl
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; exporter-toolkit's example files are a few hundred bytes
 MAX_TLS_FILE_BYTES = 4 << 20  # a certificate chain, a key or a CA bundle
 MAX_USERS = 1000
 
-TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+# (names only: the ssl module, and OpenSSL with it, is loaded only when TLS is configured)
+TLS_VERSIONS = ("TLS12", "TLS13")  # oldest first
 _GO_ONLY_TLS_VERSIONS = ("TLS10", "TLS11")
-CLIENT_AUTH = {
-    "NoClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
+CLIENT_AUTH = ("NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 _UNVERIFIED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
 # The only headers exporter-toolkit lets a config set, with their allowed values (None: any).
 HEADER_VALUES: dict[str, tuple[str, ...] | None] = {
@@ -235,7 +234,7 @@ class _Parser:
         if auth != "NoClientCert" and not ca:
             raise self.fail(f"{key}.client_ca_file", f"required by client_auth_type {auth}")
         lo, hi = versions["min_version"] or "TLS12", versions["max_version"] or None
-        if hi is not None and TLS_VERSIONS[lo] > TLS_VERSIONS[hi]:
+        if hi is not None and TLS_VERSIONS.index(lo) > TLS_VERSIONS.index(hi):
             raise self.fail(f"{key}.min_version", f"{lo} is above max_version {hi}")
         return TLSServerConfig(self.path_of(cert), self.path_of(keyf),
                                self.path_of(ca) if ca else None, auth, lo, hi)
@@ -340,11 +339,14 @@ def build_ssl_context(cfg: WebConfig) -> ssl.SSLContext | None:
     tls = cfg.tls
     if tls is None:
         return None
+    import ssl
+
+    versions = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
     where = f"{cfg.source}: tls_server_config"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    ctx.minimum_version = versions[tls.min_version]
     if tls.max_version is not None:
-        ctx.maximum_version = TLS_VERSIONS[tls.max_version]
+        ctx.maximum_version = versions[tls.max_version]
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
     files = [("cert_file", tls.cert_file), ("key_file", tls.key_file)]
@@ -373,7 +375,10 @@ def build_ssl_context(cfg: WebConfig) -> ssl.SSLContext | None:
             reason = _one_line(getattr(e, "reason", None) or e)
             raise WebConfigError(f"{where}.key_file: cannot use {tls.key_file} with "
                                  f"{tls.cert_file}: {reason}") from None
-        ctx.verify_mode = CLIENT_AUTH[tls.client_auth_type]
+        ctx.verify_mode = {"NoClientCert": ssl.CERT_NONE,
+                           "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+                           "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+                           }[tls.client_auth_type]
         if tls.client_ca_file is not None:
             ctx.load_verify_locations(cafile=names["client_ca_file"])
     return ctx

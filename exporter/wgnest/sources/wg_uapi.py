@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as errno_mod
-import hmac
 import ipaddress
 import operator
 import os
@@ -21,6 +20,11 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+try:
+    from _blake2 import blake2b
+except ImportError:  # (a Python without it: hashlib's, through OpenSSL)
+    from hashlib import blake2b
 
 from wgnest.model.host import Device, Endpoint, IPNetwork, Link, Peer
 from wgnest.sources.errors import SourceError, reason_for_errno
@@ -70,15 +74,17 @@ def x25519(scalar: bytes, u: int = 9) -> bytes:
     return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
 
 
-# Derived public keys by a keyed hash of the private key (HMAC under a key made at start and
-# never shown): a device's key is derived once, not every refresh (1 ms each), and neither
-# the private key nor anything that can be checked against it outside this process is kept.
+# Derived public keys by a keyed hash of the private key (keyed BLAKE2b, a MAC of its own,
+# under a key made at start and never shown): a device's key is derived once, not every
+# refresh (1 ms each), and neither the private key nor anything that can be checked against
+# it outside this process is kept. CPython's own _blake2 loads no OpenSSL (hashlib would:
+# 3.5 MiB resident for one hash a refresh).
 _DERIVED: dict[bytes, str] = {}
 _DERIVED_KEY = os.urandom(32)
 
 
 def derived_public_key(private: bytes) -> str:
-    tag = hmac.digest(_DERIVED_KEY, private, "sha256")
+    tag = blake2b(private, key=_DERIVED_KEY, digest_size=32).digest()
     public = _DERIVED.get(tag)
     if public is None:
         public = _b64(x25519(private))

@@ -69,32 +69,47 @@ def crc32_combine(first: int, second: int, second_size: int) -> int:
     return zlib.crc32(zeros, first) ^ zlib.crc32(zeros) ^ second
 
 
-def gzip_of(pieces: Iterable[Piece]) -> bytes:
-    """The pieces, in order, as one gzip member."""
+Member = tuple[bytes, ...]  # a gzip member in chunks, to be sent one after the other
+
+
+def gzip_chunks(pieces: Iterable[Piece]) -> Member:
+    """The pieces, in order, as one gzip member in chunks: the header, each piece's own
+    bytes (not copied), the trailer."""
     crc = size = 0
     parts = [_HEADER]
     for p in pieces:
         crc, size = crc32_combine(crc, p.crc, p.size), size + p.size
         parts.append(p.deflated)
-    parts += (_FINAL, struct.pack("<II", crc, size & 0xFFFFFFFF))
-    return b"".join(parts)
+    parts.append(_FINAL + struct.pack("<II", crc, size & 0xFFFFFFFF))
+    return tuple(parts)
+
+
+def gzip_of(pieces: Iterable[Piece]) -> bytes:
+    """The pieces, in order, as one gzip member."""
+    return b"".join(gzip_chunks(pieces))
 
 
 WHOLE_BELOW = 1 << 16  # bytes of text below which the pieces are compressed again as one
 
 
-def member_of(pieces: Sequence[Piece], deflater: Deflater) -> bytes:
-    """gzip_of(pieces); a small text (a client's few tunnels) compressed again as a whole,
-    since pieces compress apart (each family's few lines without the others' context:
-    7.6 KB of text to 4.6 KB in pieces, to 1.9 KB whole)."""
+def member_of(pieces: Sequence[Piece], deflater: Deflater) -> Member:
+    """gzip_chunks(pieces); a small text (a client's few tunnels) compressed again as a
+    whole, since pieces compress apart (each family's few lines without the others'
+    context: 7.6 KB of text to 4.6 KB in pieces, to 1.9 KB whole)."""
     if sum(p.size for p in pieces) < WHOLE_BELOW:
-        return gzip_of([deflater.piece(text_of(pieces))])
-    return gzip_of(pieces)
+        return (gzip_of([deflater.piece(text_of(pieces))]),)
+    return gzip_chunks(pieces)
 
 
-def inflate(member: bytes) -> bytes:
-    """The text of a gzip member (its CRC and length checked)."""
-    return zlib.decompress(member, 31)
+def inflate(member: bytes | Sequence[bytes]) -> bytes:
+    """The text of a gzip member, whole or in chunks (its CRC and length checked)."""
+    if isinstance(member, bytes):
+        return zlib.decompress(member, 31)
+    reader = zlib.decompressobj(31)
+    text = b"".join([reader.decompress(chunk) for chunk in member]) + reader.flush()
+    if not reader.eof or reader.unused_data:
+        raise zlib.error("not one whole gzip member")
+    return text
 
 
 def text_of(pieces: Sequence[Piece]) -> bytes:
