@@ -217,8 +217,9 @@ def test_serving_never_imports_prometheus_client() -> None:
             "state = Refresher(lambda: Snapshot(1.0), 5.0).refresh_once()\n"
             "assert b'wgnest_collector_success' in state.exposition\n"
             "print(*(m in sys.modules for m in sys.argv[1:]))\n")
-    # nor PyYAML (only with a web config) nor importlib.metadata (only for --version)
-    unused = ("prometheus_client", "yaml", "importlib.metadata")
+    # nor PyYAML (only with a web config), importlib.metadata (only for --version), nor
+    # ssl, OpenSSL's hashes or bcrypt (only with TLS or basic auth)
+    unused = ("prometheus_client", "yaml", "importlib.metadata", "ssl", "_hashlib", "bcrypt")
     assert run_fresh(code, *unused).stdout.split() == ["False"] * len(unused)
 
 
