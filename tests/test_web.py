@@ -166,6 +166,17 @@ def test_plain_scrapes_at_once_share_one_text(start: Callable[..., Server]) -> N
     assert get(port)[2] == BODY + b"2\n"
 
 
+def test_an_inflated_text_is_not_kept_once_sent(start: Callable[..., Server]) -> None:
+    """The server holds a plain text only while scrapes share it: a gateway's 13 MB are
+    not kept after one `curl` without gzip."""
+    srv = start(_SlowText())
+    assert get(srv.port)[0] == 200
+    deadline = time.monotonic() + 5
+    while srv._app.text_job is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv._app.text_job is None
+
+
 def test_custom_telemetry_path(start: Callable[..., Server]) -> None:
     port = start(telemetry_path="/probe").port
     assert get(port, "/probe")[2] == BODY

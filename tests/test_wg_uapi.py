@@ -135,6 +135,30 @@ def test_parse_every_key() -> None:
     assert str(dev.peers[1].endpoint) == "[2001:db8::1]:51820"
 
 
+def test_single_address_networks_are_parsed_lean() -> None:
+    """A /32 or /128 allowed IP has no `hosts` lambda of its own (ipaddress makes one for
+    each; half the network's memory), and is still the network ipaddress makes."""
+    import tracemalloc
+
+    from wgnest.sources.peer_builder import lean_network
+    from wgnest.sources.wg_uapi import _network
+
+    for text in ("10.9.8.7/32", "fd00::7/128", "10.0.0.0/24"):
+        net, plain = _network(text), ipaddress.ip_network(text)
+        assert "hosts" not in vars(net)
+        assert (net, hash(net), str(net)) == (plain, hash(plain), str(plain))
+        assert net.network_address in net
+        assert net.overlaps(plain)
+    tracemalloc.start()
+    kept = [ipaddress.IPv4Network(f"10.0.{i >> 8}.{i & 255}/32") for i in range(2000)]
+    plain_size = tracemalloc.get_traced_memory()[0]
+    for net in kept:
+        lean_network(net)
+    lean_size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert lean_size < 0.7 * plain_size
+
+
 def test_no_key_material_in_device_repr() -> None:
     dev = parse(FULL)
     for text in (repr(dev), str(dev)):

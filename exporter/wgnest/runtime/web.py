@@ -722,6 +722,7 @@ class _App:
                 if job is None or job.done():
                     job = self.text_job = asyncio.get_running_loop().run_in_executor(
                         self.texts, self.handlers.metrics)
+                    job.add_done_callback(self._text_done)  # (not kept once inflated)
                 body = await asyncio.shield(job)
                 status, ctype = 200, CONTENT_TYPE
             elif path == b"/":
@@ -744,6 +745,12 @@ class _App:
             log.exception("handler for %s failed", path.decode("ascii", "backslashreplace"))
             status, body, ctype = 500, b"internal error\n", b"text/plain; charset=utf-8"
         return await self._respond(conn, stream, h, req, status, body, close, (), ctype)
+
+    def _text_done(self, job: asyncio.Future[bytes]) -> None:
+        """An inflated text is held by the scrapes that share it, not by the server: once
+        they are sent, its 13 MB (10,000 peers) go."""
+        if self.text_job is job:
+            self.text_job = None
 
     async def _respond(self, conn: _Conn, stream: _Stream, h: h11.Connection,
                        req: h11.Request, status: int, body: bytes | Sequence[bytes],

@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 from wgnest.model.host import Endpoint, IPNetwork, Peer
 
 
+def lean_network(net: IPNetwork) -> IPNetwork:
+    """The network without the `hosts` lambda ipaddress gives each /32 and /128 network of
+    its own (for hosts() to list the one address), which wgnest never calls: 235 of its
+    490 bytes, and most of a road-warrior gateway's allowed IPs are such networks (10,000
+    peers: 4.7 MB). Equality, hashing, `in` and str() are unchanged."""
+    net.__dict__.pop("hosts", None)
+    return net
+
+
 @dataclass
 class PeerBuilder:
     public_key: str

@@ -16,7 +16,7 @@ from typing import Any
 
 from wgnest.model.host import Device, Endpoint, Link
 from wgnest.sources.errors import SourceError, netlink_errors, reason_for_errno
-from wgnest.sources.peer_builder import PeerBuilder
+from wgnest.sources.peer_builder import PeerBuilder, lean_network
 
 log = logging.getLogger(__name__)
 DUMP_RETRIES = 3
@@ -62,7 +62,8 @@ def merge_dump(messages: Iterable[Any], link: Link) -> Device:
             ka = raw.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
             parts.keepalive = ka or parts.keepalive
             for aip in raw.get_attr("WGPEER_A_ALLOWEDIPS") or ():
-                parts.allowed_ips.append(ipaddress.ip_network(aip["addr"], strict=False))
+                parts.allowed_ips.append(lean_network(ipaddress.ip_network(aip["addr"],
+                                                                           strict=False)))
     return Device(
         name=link.name, ifindex=link.index, implementation="kernel", public_key=public_key,
         listen_port=int(listen_port), fwmark=int(fwmark), mtu=link.mtu,

@@ -29,7 +29,7 @@ except ImportError:  # (a Python without it: hashlib's, through OpenSSL)
 from wgnest.model.host import Device, Endpoint, IPNetwork, Link, Peer
 from wgnest.sources.errors import SourceError, reason_for_errno
 from wgnest.sources.netns import resolve_in_root
-from wgnest.sources.peer_builder import PeerBuilder
+from wgnest.sources.peer_builder import PeerBuilder, lean_network
 
 SOCK_DIR = Path("/var/run/wireguard")
 MAX_ANSWER = 64 << 20  # bytes; a larger answer is refused as "parse"
@@ -157,7 +157,7 @@ def _network(value: str) -> IPNetwork:
     if not sep or "%" in addr:
         raise ValueError
     network = ipaddress.IPv6Network if ":" in addr else ipaddress.IPv4Network  # as ip_network
-    return network(f"{addr}/{_uint(plen, 128)}", strict=False)
+    return lean_network(network(f"{addr}/{_uint(plen, 128)}", strict=False))
 
 
 def _check_errno(last: str, name: str) -> None:
