@@ -145,10 +145,11 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
         flag, reason = False, "no tunnel or transport probe"
         value = None
     else:
-        flag, reason = latency_anomaly(real.recent, direct.recent if direct else (),
+        # (each reads the windows' finite RTTs: a lost probe's NaN is left out there)
+        flag, reason = latency_anomaly(real.window, direct.window if direct else (),
                                        real.baseline, ratio=ratio, min_excess=min_excess)
-        value = overhead_ratio(real.recent, direct.recent) if direct else None
+        value = overhead_ratio(real.window, direct.window) if direct else None
     return PeerLatency(device, public_key,
-                       {p: median(s.recent) for p, s in sorted(paths.items())},
+                       {p: median(s.window) for p, s in sorted(paths.items())},
                        {p: s.loss for p, s in sorted(paths.items())},
                        real.target.path if real else "", value, flag, reason)

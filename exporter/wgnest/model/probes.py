@@ -59,7 +59,8 @@ class SeriesSnapshot:
     @property
     def loss(self) -> float | None:
         """Lost fraction of the recent window; None when nothing was sent."""
-        return 1 - len(self.recent) / len(self.window) if self.window else None
+        window = self.window
+        return 1 - sum(x == x for x in window) / len(window) if window else None
 
 
 @dataclass(frozen=True, slots=True)
