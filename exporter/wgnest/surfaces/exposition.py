@@ -144,18 +144,30 @@ def counter(name: str, doc: str, *labels: str) -> Family:
     return Family(name, "counter", doc, labels)
 
 
-def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | float], str]] | None:
-    """The family's header, and the function that writes one of its samples, exactly as
-    generate_latest() would; None when the names are outside what this fast path handles."""
+def _sample_format(fam: Family) -> tuple[str, list[int], str] | None:
+    """The family's sample name, its label indexes in sorted-name order, and the %-format
+    of one sample (label values in that order, then the value); None when the names are
+    outside what the fast path handles."""
     sample = fam.name + "_total" if fam.kind == "counter" else fam.name
     if not (_NAME.fullmatch(sample) and all(_LABEL.fullmatch(k) and not k.startswith("__")
                                             for k in fam.labels)):
         return None
-    doc = fam.help.replace("\\", r"\\").replace("\n", r"\n")
-    head = f"# HELP {sample} {doc}\n# TYPE {sample} {fam.kind}\n"
     order = sorted(range(len(fam.labels)), key=lambda i: fam.labels[i])
     fmt = sample + "{" + ",".join(f'{fam.labels[i]}="%s"' for i in order) + "} %s\n" \
         if fam.labels else sample + " %s\n"
+    return sample, order, fmt
+
+
+def light_format(fam: Family) -> tuple[str, Callable[[tuple[str, ...], int | float], str]] | None:
+    """The family's header, and the function that writes one of its samples, exactly as
+    generate_latest() would; None when the names are outside what this fast path handles."""
+    form = _sample_format(fam)
+    if form is None:
+        return None
+    sample, order, fmt = form
+    doc = fam.help.replace("\\", r"\\").replace("\n", r"\n")
+    head = f"# HELP {sample} {doc}\n# TYPE {sample} {fam.kind}\n"
+
     def line(values: tuple[str, ...], value: int | float) -> str:
         text = sample_value(value)
         if not values:
@@ -175,16 +187,13 @@ def samples_writer(fam: Family) -> Callable[[Samples], str] | None:
     """What writes many samples of the family at once, exactly as line() writes each: one
     escape check over all their label values, then one %-format a sample (several times
     faster than line() on a block of peers); None where light_format() is."""
-    form = light_format(fam)
-    if form is None:
+    form, spec = light_format(fam), _sample_format(fam)
+    if form is None or spec is None:
         return None
     _head, line = form
-    sample = fam.name + "_total" if fam.kind == "counter" else fam.name
-    n = len(fam.labels)
-    if n < 2:  # (itemgetter of one index gives no tuple; such families are small)
+    _sample, order, fmt = spec
+    if len(order) < 2:  # (itemgetter of one index gives no tuple; such families are small)
         return lambda samples: "".join([line(v, x) for v, x in samples])
-    order = sorted(range(n), key=lambda i: fam.labels[i])
-    fmt = sample + "{" + ",".join(f'{fam.labels[i]}="%s"' for i in order) + "} %s\n"
     ordered = operator.itemgetter(*order)
 
     def write(samples: Samples) -> str:

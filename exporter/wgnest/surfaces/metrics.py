@@ -336,6 +336,12 @@ def _keyed_text(fmt: str | None, write: Callable[[Samples], str], device: str,
     return write([((device, p.public_key), value(p)) for p in peers]).encode()
 
 
+def _identical(old: Sequence[object], new: Sequence[object]) -> bool:
+    """Whether two blocks hold the very same objects (the sources and the diagnosis hand
+    back an unchanged peer or path as the same object)."""
+    return len(old) == len(new) and all(map(operator.is_, old, new))
+
+
 def _same(old: Sequence[_T], new: Sequence[_T], inputs: Callable[[_T], object]) -> bool:
     """Whether two blocks hold as many items, each the same object or equal in `inputs`."""
     return len(old) == len(new) and all(
@@ -347,8 +353,7 @@ def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
                  formats: Sequence[str | None], piece: Callable[[bytes], Piece]
                  ) -> tuple[Piece, ...]:
     """The pieces of one block of peers: those of `hit`, the block before, where kept."""
-    if hit is not None and hit.names == names and len(hit.peers) == len(block) and all(
-            map(operator.is_, hit.peers, block)):
+    if hit is not None and hit.names == names and _identical(hit.peers, block):
         return hit.pieces
     info, allowed, rx, tx, last = writers[:5]
     plain = not needs_escape("".join([p.public_key for p in block]))
@@ -369,15 +374,14 @@ def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
 def _path_pieces(run: tuple[PeerPath, ...], hit: _PathBlock | None,
                  writers: Sequence[Callable[[Samples], str]], piece: Callable[[bytes], Piece]
                  ) -> tuple[Piece, ...]:
-    if hit is None or len(hit.paths) != len(run):
-        kept = [False] * len(PATH_INPUTS)
-    elif all(map(operator.is_, hit.paths, run)):
+    """The pieces of one block of paths: those of `hit`, the block before, where kept."""
+    if hit is not None and _identical(hit.paths, run):
         return hit.pieces
-    else:
-        kept = [_same(hit.paths, run, inputs) for inputs in PATH_INPUTS]
     return tuple(
-        hit.pieces[i] if hit is not None and kept[i] else piece(write(fam.samples).encode())
-        for i, (fam, write) in enumerate(zip(path_families(run), writers, strict=True)))
+        hit.pieces[i] if hit is not None and _same(hit.paths, run, inputs)
+        else piece(write(fam.samples).encode())
+        for i, (fam, write, inputs) in enumerate(zip(path_families(run), writers,
+                                                     PATH_INPUTS, strict=True)))
 
 
 def wireguard_pieces(snap: Snapshot, paths: Sequence[PeerPath], names: Mapping[str, str],
