@@ -20,6 +20,10 @@ from tests.lab.lab import REPO, Host, Lab, Server, http_get, run
 WGNEST = REPO / ".venv" / "bin" / "wgnest"
 # The guest runs Python ~10-80x slower than the host: one wgnest process takes tens of seconds.
 WGNEST_TIMEOUT = 300.0
+# ... and a namespace's read, whose deadline is the UAPI timeout + 1 s (2 s by default), can
+# take longer than that there (seen on CI with `--netns all`: a namespace left out as a
+# timeout). The guest's checks are about what is read, so they wait for it.
+READ_TIMEOUT = "60s"
 
 
 def wgnest(*args: str, ns: str | None, timeout: float = WGNEST_TIMEOUT
@@ -31,9 +35,9 @@ def wgnest(*args: str, ns: str | None, timeout: float = WGNEST_TIMEOUT
 
 def check_json(ns: str | None, config_dir: Path, *args: str) -> tuple[int, dict[str, Any]]:
     """`wgnest check --format json --no-probe.enabled` in `ns` (None: the guest's root
-    namespace): (exit code, document)."""
-    res = wgnest("check", "--format", "json", "--no-probe.enabled", "--config-dir",
-                 str(config_dir), *args, ns=ns)
+    namespace), with the guest's read deadline: (exit code, document)."""
+    res = wgnest("check", "--format", "json", "--no-probe.enabled", "--wireguard.uapi-timeout",
+                 READ_TIMEOUT, "--config-dir", str(config_dir), *args, ns=ns)
     assert res.stdout, f"exit {res.returncode}: {res.stderr[-2000:]}"
     return res.returncode, json.loads(res.stdout)
 

@@ -29,7 +29,6 @@ from wgnest.sources.wg_kernel import DUMP_RETRIES, kernel_devices, open_wireguar
 NLM_F_DUMP_INTR = 0x10
 PEERS = 1000
 WIDE = 2000  # allowed IPs on one peer: far more than one dump message holds
-CHANGERS = 2
 
 
 def fake_key() -> str:
@@ -307,76 +306,102 @@ def test_device_deleted_before_and_while_read(net: Net) -> None:
     assert run("ip", "link", "show", names[1], ns=net.a, check=False).returncode != 0
 
 
-def test_dump_interrupted_by_concurrent_changes(net: Net) -> None:
-    """Other processes flip the allowed IPs of every 20th peer between two sets, all of
-    them in one `wg set` (one netlink message: atomic in the kernel). A real state of the
-    device has them all in the same phase; a dump that straddled a flip is flagged
-    NLM_F_DUMP_INTR by the kernel. The reader must retry it (at most DUMP_RETRIES times) and
-    return a real state or a dump_intr error, never a mix."""
-    name = f"{net.tag}ch"
-    # A dump of 400 peers is 3-4 messages; pyroute2 takes them in a few ms, so a flip lands
-    # between two of them in maybe one read of five (decoding them is what takes long).
-    peers = many_peers(400)
-    flipping = peers[::20]  # 20 peers: one `wg set` of them fits one netlink message
-    phase = {0: {}, 1: {}}  # phase -> key -> allowed IPs
-    for n, (key, _allowed, _ep) in enumerate(flipping):
-        phase[0][key] = [f"10.200.{n}.0/24"]
-        phase[1][key] = [f"10.201.{n}.0/24", f"10.202.{n}.0/24"]
-    conf = "[Interface]\nListenPort = 0\n\n" + "".join(
-        peer_conf(key, phase[0].get(key, allowed), ep) for key, allowed, ep in peers)
-    net.device(name, conf)
-    steady = {key: sorted(allowed) for key, allowed, _ep in peers if key not in phase[0]}
-    flips = []
-    for p in (0, 1):
-        argv = ["wg", "set", name]
-        for key, allowed in phase[p].items():
+class Flipping(Recording):
+    """A Recording whose socket changes the device in the middle of a dump: when the first
+    message of one of the first `dumps` dumps arrives, `flip()` runs (synchronously, in
+    pyroute2's receive callback). The kernel makes a dump's messages as the reader takes
+    them, so by then it has made at most the second; every later one is made after the
+    change and the kernel flags it NLM_F_DUMP_INTR (a dump of 3 messages or more)."""
+
+    def __init__(self, flip: Any, dumps: int) -> None:
+        super().__init__()
+        self._flip, self._left, self._arrived = flip, dumps, 0
+
+    def info(self, name: str) -> list[Any]:
+        if self._wg is None:
+            self._wg = open_wireguard()
+            protocol = self._wg.asyncore.local.protocol  # pyroute2 0.9's receiving end
+            enqueue = protocol.enqueue
+
+            def arrived(data: bytes, addr: Any) -> None:
+                self._arrived += 1
+                if self._arrived == 1 and self._left > 0:
+                    self._left -= 1
+                    self._flip()
+                enqueue(data, addr)
+
+            protocol.enqueue = arrived
+        self._arrived = 0
+        return super().info(name)
+
+
+@dataclass
+class FlipLab:
+    """A kernel device of 1,000 peers (7-10 dump messages) in `net`, whose every 50th peer
+    has the allowed IPs of phase 0 or of phase 1; flip(p) sets phase p on all of them in one
+    `wg set` (one netlink message: atomic in the kernel, so a real state of the device is a
+    pure phase)."""
+
+    net: Net
+    name: str
+    phases: dict[int, dict[str, list[str]]]
+    steady: dict[str, list[str]]
+    count: int
+
+    @classmethod
+    def build(cls, net: Net) -> FlipLab:
+        peers = many_peers(1000)
+        phases: dict[int, dict[str, list[str]]] = {0: {}, 1: {}}
+        for n, (key, _allowed, _ep) in enumerate(peers[::50]):
+            phases[0][key] = [f"10.200.{n}.0/24"]
+            phases[1][key] = [f"10.201.{n}.0/24", f"10.202.{n}.0/24"]
+        name = f"{net.tag}ch"
+        net.device(name, "[Interface]\nListenPort = 0\n\n" + "".join(
+            peer_conf(key, phases[0].get(key, allowed), ep) for key, allowed, ep in peers))
+        steady = {key: sorted(allowed) for key, allowed, _ep in peers if key not in phases[0]}
+        return cls(net, name, phases, steady, len(peers))
+
+    def flip(self, phase: int) -> None:
+        argv = ["wg", "set", self.name]
+        for key, allowed in self.phases[phase].items():
             argv += ["peer", key, "allowed-ips", ",".join(allowed)]  # replaces them
-        flips.append(" ".join(argv))
-    script = f"while :; do {flips[1]}; {flips[0]}; done"
-    # several changers: each `wg set` is still atomic, so a real state stays a pure phase
-    changers = [subprocess.Popen(["ip", "netns", "exec", net.a, "bash", "-c", script],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for _ in range(CHANGERS)]
-    results: list[str] = []
-    interrupted_dumps = 0
-    try:
-        time.sleep(0.5)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (len(results) < 3 or not interrupted_dumps):
-            assert all(c.poll() is None for c in changers), "a changer died"
-            recording = Recording()
-            devices, errors = net.read(lambda r=recording: r)
-            dumps = [msgs for dev, msgs in recording.dumps if dev == name]
-            assert 1 <= len(dumps) <= DUMP_RETRIES, len(dumps)
-            flagged = [Recording.interrupted(msgs) for msgs in dumps]
-            interrupted_dumps += sum(flagged)
-            if name in devices:
-                assert errors == []
-                got = {p.public_key: sorted(str(n) for n in p.allowed_ips)
-                       for p in devices[name].peers}
-                phases = {p for p in (0, 1)
-                          if all(got.get(k) == sorted(v) for k, v in phase[p].items())}
-                state = "a real state" if len(phases) == 1 else "a MIX of two states"
-                assert not flagged[-1], (
-                    f"returned the data of a dump the kernel flagged NLM_F_DUMP_INTR (after "
-                    f"{len(dumps)} dump(s); the data is {state})")
-                assert len(got) == len(peers)
-                assert {k: v for k, v in got.items() if k in steady} == steady
-                assert len(phases) == 1, "a mix of two states: garbage"
-                results.append(f"phase {phases.pop()} after {len(dumps)} dump(s)")
-            else:
-                assert [r for r, _m in errors] == ["dump_intr"], errors
-                assert all(flagged), flagged
-                assert len(dumps) == DUMP_RETRIES
-                results.append("dump_intr")
-    finally:
-        for changer in changers:
-            changer.kill()
-        for changer in changers:
-            changer.wait(timeout=30)
-    print("reads:", results, "flagged dumps:", interrupted_dumps)
-    assert interrupted_dumps, f"the kernel never flagged a dump ({results})"
-    # and once the changes stop, a read is whole again
+        run(*argv, ns=self.net.a)
+
+    def phase_of(self, device: Any) -> set[int]:
+        """The phases `device` (as read) is wholly in: one for a real state, none for a mix;
+        the peers that never change must be as they are."""
+        got = {p.public_key: sorted(str(n) for n in p.allowed_ips) for p in device.peers}
+        assert len(got) == self.count
+        assert {k: v for k, v in got.items() if k in self.steady} == self.steady
+        return {p for p, want in self.phases.items()
+                if all(got.get(k) == sorted(v) for k, v in want.items())}
+
+
+def test_dump_interrupted_once_is_read_again(net: Net) -> None:
+    """The device changes in the middle of the reader's dump: the kernel flags it
+    NLM_F_DUMP_INTR, the reader drops it, dumps again and returns the state after the
+    change, never the mix of two states the flagged dump holds."""
+    lab = FlipLab.build(net)
+    recording = Flipping(lambda: lab.flip(1), dumps=1)
+    devices, errors = net.read(lambda: recording)
+    flagged = [Recording.interrupted(msgs) for dev, msgs in recording.dumps if dev == lab.name]
+    assert flagged == [True, False], flagged
+    assert errors == []
+    assert lab.phase_of(devices[lab.name]) == {1}
+
+
+def test_dump_interrupted_every_time_is_a_dump_intr_error(net: Net) -> None:
+    """The device changes during every dump: the reader gives up after DUMP_RETRIES dumps,
+    every one flagged, with a dump_intr error and no data; once the changes stop, a read is
+    whole again."""
+    lab = FlipLab.build(net)
+    flips = iter(range(1, 100))
+    recording = Flipping(lambda: lab.flip(next(flips) % 2), dumps=DUMP_RETRIES)
+    devices, errors = net.read(lambda: recording)
+    flagged = [Recording.interrupted(msgs) for dev, msgs in recording.dumps if dev == lab.name]
+    assert flagged == [True] * DUMP_RETRIES, flagged
+    assert lab.name not in devices
+    assert [reason for reason, _message in errors] == ["dump_intr"], errors
     devices, errors = net.read()
     assert errors == []
-    assert len(devices[name].peers) == len(peers)
+    assert lab.phase_of(devices[lab.name]) == {DUMP_RETRIES % 2}
