@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import itertools
 import secrets
 import shutil
 import subprocess
@@ -197,12 +198,19 @@ class Recording:
         self._wg: Any = None
         self.dumps: list[tuple[str, list[Any]]] = []
 
+    def _open(self) -> Any:
+        return open_wireguard()
+
     def info(self, name: str) -> list[Any]:
         if self._wg is None:
-            self._wg = open_wireguard()
+            self._wg = self._open()
         msgs = list(self._wg.info(name))
         self.dumps.append((name, msgs))
         return msgs
+
+    def flags(self, name: str) -> list[bool]:
+        """Whether the kernel flagged each dump of device `name`, in order."""
+        return [self.interrupted(msgs) for dev, msgs in self.dumps if dev == name]
 
     def close(self) -> None:
         if self._wg is not None:
@@ -317,20 +325,22 @@ class Flipping(Recording):
         super().__init__()
         self._flip, self._left, self._arrived = flip, dumps, 0
 
+    def _open(self) -> Any:
+        wg = open_wireguard()
+        protocol = wg.asyncore.local.protocol  # pyroute2 0.9's receiving end
+        enqueue = protocol.enqueue
+
+        def arrived(data: bytes, addr: Any) -> None:
+            self._arrived += 1
+            if self._arrived == 1 and self._left > 0:
+                self._left -= 1
+                self._flip()
+            enqueue(data, addr)
+
+        protocol.enqueue = arrived
+        return wg
+
     def info(self, name: str) -> list[Any]:
-        if self._wg is None:
-            self._wg = open_wireguard()
-            protocol = self._wg.asyncore.local.protocol  # pyroute2 0.9's receiving end
-            enqueue = protocol.enqueue
-
-            def arrived(data: bytes, addr: Any) -> None:
-                self._arrived += 1
-                if self._arrived == 1 and self._left > 0:
-                    self._left -= 1
-                    self._flip()
-                enqueue(data, addr)
-
-            protocol.enqueue = arrived
         self._arrived = 0
         return super().info(name)
 
@@ -384,7 +394,7 @@ def test_dump_interrupted_once_is_read_again(net: Net) -> None:
     lab = FlipLab.build(net)
     recording = Flipping(lambda: lab.flip(1), dumps=1)
     devices, errors = net.read(lambda: recording)
-    flagged = [Recording.interrupted(msgs) for dev, msgs in recording.dumps if dev == lab.name]
+    flagged = recording.flags(lab.name)
     assert flagged == [True, False], flagged
     assert errors == []
     assert lab.phase_of(devices[lab.name]) == {1}
@@ -395,10 +405,10 @@ def test_dump_interrupted_every_time_is_a_dump_intr_error(net: Net) -> None:
     every one flagged, with a dump_intr error and no data; once the changes stop, a read is
     whole again."""
     lab = FlipLab.build(net)
-    flips = iter(range(1, 100))
+    flips = itertools.count(1)
     recording = Flipping(lambda: lab.flip(next(flips) % 2), dumps=DUMP_RETRIES)
     devices, errors = net.read(lambda: recording)
-    flagged = [Recording.interrupted(msgs) for dev, msgs in recording.dumps if dev == lab.name]
+    flagged = recording.flags(lab.name)
     assert flagged == [True] * DUMP_RETRIES, flagged
     assert lab.name not in devices
     assert [reason for reason, _message in errors] == ["dump_intr"], errors
