@@ -648,9 +648,33 @@ def test_cached_parse_equals_the_whole_parse_and_reuses_unchanged_peers() -> Non
     assert second.peers[1] is first.peers[1]
     assert second.peers[2] is first.peers[2]
     # nothing of the answer is kept: no preshared key (nor any other text) in the cache
-    assert all(isinstance(k, tuple) and all(isinstance(x, int) for x in k) for k in cache)
+    assert all(isinstance(k, int) for k in cache)
     assert PSK not in repr(cache)
     assert b64(PSK) not in repr(cache)
+
+
+def test_a_peer_parsed_again_keeps_its_unchanged_addresses() -> None:
+    """A peer whose counters moved is parsed again, but its endpoint and allowed IPs are
+    the last answer's very objects where their text is the same; a moved one is new."""
+    cache: PeerCache = {}
+    first = {p.public_key: p for p in parse_uapi(FULL, name="wgt0", ifindex=7, mtu=1420,
+                                                  cache=cache).peers}
+    moved = FULL.replace("rx_bytes=" + str(2**64 - 1), "rx_bytes=5").replace(
+        "allowed_ip=fd00::/64", "allowed_ip=fd00:1::/64").replace(
+        "[fe80::1%7]:51821", "[fe80::1%7]:51822")
+    second = {p.public_key: p for p in parse_uapi(moved, name="wgt0", ifindex=7, mtu=1420,
+                                                   cache=cache).peers}
+    one, zoned = b64(PUB1), b64(PUB3)
+    assert second[one] is not first[one]
+    assert second[one].rx_bytes == 5
+    assert second[one].endpoint is first[one].endpoint
+    assert second[one].allowed_ips[0] is first[one].allowed_ips[0]
+    assert str(second[one].allowed_ips[1]) == "fd00:1::/64"
+    assert second[one].allowed_ips[1] is not first[one].allowed_ips[1]
+    zoned_endpoint = second[zoned].endpoint
+    assert zoned_endpoint is not None
+    assert (zoned_endpoint.port, zoned_endpoint.scope_id) == (51822, 7)
+    assert list(second.values()) == list(parse(moved).peers)
 
 
 def test_peers_come_in_key_order_whatever_the_answer_order() -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from wgnest.model.probes import ProbeSnapshot, SeriesSnapshot
@@ -57,7 +58,8 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
     real_xs = _finite(real)
     n, real_med = len(real_xs), _middle(real_xs)
     if real_med is None or n < min_samples:
-        return False, f"not enough samples on the real path ({n} < {min_samples})"
+        # one string for every peer in this state (most of a gateway's, between probes)
+        return False, sys.intern(f"not enough samples on the real path ({n} < {min_samples})")
     notes: list[str] = []
     direct_xs = _finite(direct)
     direct_med = _middle(direct_xs)
@@ -79,6 +81,32 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
                           f"its baseline {_ms(base_med)} (+{_ms(excess)})")
         notes.append(f"baseline {_ms(base_med)}")
     return False, "ok: " + ", ".join(notes)
+
+
+class PathValues(Mapping[str, float | None]):
+    """path -> value, for a peer's few probed paths: two tuples (the names shared by every
+    peer probed on the same paths) instead of a dict each (a gateway's 10,000 peers: two
+    dicts of 200 bytes each, per verdict)."""
+
+    __slots__ = ("_names", "_values")
+
+    def __init__(self, names: tuple[str, ...], values: tuple[float | None, ...]) -> None:
+        self._names, self._values = names, values
+
+    def __getitem__(self, path: str) -> float | None:
+        try:
+            return self._values[self._names.index(path)]
+        except ValueError:
+            raise KeyError(path) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +142,14 @@ def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio:
 _VERDICTS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ...], float,
                                         float, PeerLatency]] = {}
 _VERDICTS_MAX = 1 << 17
+# one tuple of path names for every peer probed on the same paths (a few combinations)
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def path_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Path names as one tuple shared by every peer with the same ones."""
+    named = tuple(names)
+    return _NAMES.setdefault(named, named) if len(_NAMES) < 64 else named
 
 
 def same_series(names: tuple[str, ...], series: tuple[SeriesSnapshot, ...],
@@ -130,7 +166,7 @@ def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsho
     if (hit is not None and same_series(hit[0], hit[1], paths) and hit[2] == ratio
             and hit[3] == min_excess):
         return hit[4]
-    names, series = tuple(paths), tuple(paths.values())
+    names, series = path_names(paths), tuple(paths.values())
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)
     if len(_VERDICTS) >= _VERDICTS_MAX:
         _VERDICTS.clear()
@@ -149,7 +185,9 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
         flag, reason = latency_anomaly(real.window, direct.window if direct else (),
                                        real.baseline, ratio=ratio, min_excess=min_excess)
         value = overhead_ratio(real.window, direct.window) if direct else None
+    ordered = sorted(paths.items())
+    names = path_names(p for p, _ in ordered)
     return PeerLatency(device, public_key,
-                       {p: median(s.window) for p, s in sorted(paths.items())},
-                       {p: s.loss for p, s in sorted(paths.items())},
+                       PathValues(names, tuple(median(s.window) for _, s in ordered)),
+                       PathValues(names, tuple(s.loss for _, s in ordered)),
                        real.target.path if real else "", value, flag, reason)

@@ -176,7 +176,7 @@ class Prober:
         self._cursor = 0
         self._flows = self._per_round = 0
         self._source: Sequence[ProbeTarget] | None = None  # the target list last adopted
-        self._by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
+        self._by_flow: dict[ProbeFlow, tuple[SeriesKey, ...]] = {}
         self._urgent: dict[ProbeFlow, bool] = {}  # every flow, in target order: urgent?
         # the urgent flows and the others, in that order: made from _urgent once per plan
         self._split: tuple[list[ProbeFlow], list[ProbeFlow]] | None = None
@@ -298,7 +298,9 @@ class Prober:
             flow = (t.address, t.mark, t.bind_device)
             by_flow.setdefault(flow, []).append(key)
             urgent[flow] = urgent.get(flow, False) or t.urgent
-        self._source, self._by_flow, self._urgent = source, by_flow, urgent
+        # (tuples: a list of two keys per flow is 40 bytes more, 20,000 times)
+        self._source, self._urgent = source, urgent
+        self._by_flow = {flow: tuple(keys) for flow, keys in by_flow.items()}
         self._split = None
         # the snapshot's series in one order (by peer, then path), whatever the plan's
         # (urgent peers first): every reader groups them the same way, and a peer's verdict

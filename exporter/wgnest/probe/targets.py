@@ -56,6 +56,10 @@ TargetCache = dict[tuple[str, str], tuple[PeerPath, Peer, tuple[object, ...],
                                           tuple[ProbeTarget, ...], int, int]]
 
 
+# one tuple for each combination of choices (a few), not one per peer
+_CHOICES: dict[tuple[bool, bool, bool, int], tuple[bool, bool, bool, int]] = {}
+
+
 def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
                   selection: Selection = Selection(),
                   urgent: Collection[tuple[str, str]] = (),
@@ -84,6 +88,8 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
         recent = peer.last_handshake > 0 and (
             snap.taken_at - peer.last_handshake <= STALE_HANDSHAKE)
         choices = (wanted, hurry, recent, device.fwmark)
+        if len(_CHOICES) < 256:
+            choices = _CHOICES.setdefault(choices, choices)
         hit = cache.get(key) if cache is not None else None
         if hit is not None and hit[0] is p and hit[1] is peer and hit[2] == choices:
             targets, not_selected, stale = hit[3], hit[4], hit[5]

@@ -19,7 +19,6 @@ import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 try:
     from _blake2 import blake2b
@@ -46,13 +45,6 @@ _PEER_UINTS = {  # key -> (PeerBuilder field, maximum)
 _PEER_KEYS = {*_PEER_UINTS, "preshared_key", "endpoint", "allowed_ip"}
 _DEVICE_KEYS = {"private_key", "own_public_key", "listen_port", "fwmark", "errno"}
 _P = 2**255 - 19
-T = TypeVar("T")
-# Every refresh reads the same public keys, endpoints and allowed IPs again: their parsed
-# forms are remembered by text (results only; a bad value raises again every time).
-_MEMO_MAX = 1 << 17  # entries per memo; a larger working set only clears it now and then
-_KEYS: dict[str, str] = {}  # hex public key -> base64
-_ENDPOINTS: dict[str, Endpoint] = {}  # only those without a zone: an index can change
-_NETWORKS: dict[str, IPNetwork] = {}
 
 
 def x25519(scalar: bytes, u: int = 9) -> bytes:
@@ -96,16 +88,6 @@ def derived_public_key(private: bytes) -> str:
 
 class _Bad(Exception):
     """A defect of one line; its text is ours and never holds a value from the answer."""
-
-
-def _memo(memo: dict[str, T], value: str, convert: Callable[[str], T]) -> T:
-    got = memo.get(value)
-    if got is None:
-        got = convert(value)
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()
-        memo[value] = got
-    return got
 
 
 def _uint(value: str, maximum: int) -> int:
@@ -172,8 +154,11 @@ def _check_errno(last: str, name: str) -> None:
         raise SourceError(f"UAPI get on {name} failed: errno {code} ({label})", "errno")
 
 
-def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuilder]) -> None:
-    """Apply one known key; unknown keys are ignored."""
+def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuilder],
+           old: Peer | None = None) -> None:
+    """Apply one known key; unknown keys are ignored. `old`: the peer as the last answer
+    gave it, whose endpoint and allowed IPs are kept (the very objects) where their text is
+    unchanged: a peer whose counters moved is parsed again, its addresses are not."""
     if key in _PEER_KEYS and not peers:
         raise _Bad(f"key {key!r} before any public_key")
     if key == "private_key":  # derive the public key at once; the private key is not kept
@@ -183,15 +168,18 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuil
     elif key in ("listen_port", "fwmark"):
         dev[key] = _uint(value, 65535 if key == "listen_port" else 2**32 - 1)
     elif key == "public_key":
-        peers.append(PeerBuilder(_memo(_KEYS, value, _public_key)))
+        peers.append(PeerBuilder(_public_key(value)))
     elif key in _PEER_UINTS:
         attr, maximum = _PEER_UINTS[key]
         setattr(peers[-1], attr, _uint(value, maximum))
-    elif key == "endpoint":
-        peers[-1].endpoint = (_endpoint(value) if "%" in value
-                              else _memo(_ENDPOINTS, value, _endpoint))
+    elif key == "endpoint":  # (one with a zone prints without it: parsed again)
+        kept = old.endpoint if old is not None else None
+        peers[-1].endpoint = kept if kept is not None and str(kept) == value else _endpoint(value)
     elif key == "allowed_ip":
-        peers[-1].allowed_ips.append(_memo(_NETWORKS, value, _network))
+        nets = peers[-1].allowed_ips
+        same = old is not None and len(old.allowed_ips) > len(nets) and str(
+            old.allowed_ips[len(nets)]) == value
+        nets.append(old.allowed_ips[len(nets)] if same and old is not None else _network(value))
     elif key == "errno":
         raise _Bad("errno before the end of the answer")
 
@@ -200,10 +188,15 @@ class _Again(Exception):
     """The answer is not in the shape the incremental parse takes: parse it whole."""
 
 
-# A peer's block of the answer (by its length and hash: the text itself is never kept, it
-# holds the preshared key) -> the Peer it parsed to. str hashes are keyed SipHash with a key
-# made at start: nothing outside this process can be checked against them.
-PeerCache = dict[tuple[int, int], Peer]
+# A peer's block of the answer (by its length and hash, in one int: the text itself is never
+# kept, it holds the preshared key) -> the Peer it parsed to. str hashes are keyed SipHash
+# with a key made at start: nothing outside this process can be checked against them.
+PeerCache = dict[int, Peer]
+_PEER_MARK = "\npublic_key="
+
+
+def _tag(block: str) -> int:
+    return len(block) << 64 | hash(block) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def _parse_blocks(text: str, name: str, ifindex: int, mtu: int, cache: PeerCache) -> Device:
@@ -213,20 +206,26 @@ def _parse_blocks(text: str, name: str, ifindex: int, mtu: int, cache: PeerCache
     blocks of this answer."""
     body, _, last = text.rstrip("\n").rpartition("\n")
     _check_errno(last, name)
-    parts = ("\n" + body).split("\npublic_key=")
+    body = "\n" + body
+    start = body.find(_PEER_MARK)
     dev: dict[str, str | int] = {"derived": "", "own": "", "listen_port": 0, "fwmark": 0}
-    for line in parts[0].split("\n")[1:]:
+    for line in body[:start if start >= 0 else len(body)].split("\n")[1:]:
         key, sep, value = line.partition("=")
         if not sep or key in _PEER_KEYS:
             raise _Again
         _apply(key, value, dev, [])
     fresh: PeerCache = {}
     peers: list[Peer] = []
-    for block in parts[1:]:
-        tag = (len(block), hash(block))
+    previous: dict[str, Peer] | None = None  # by key, made at the first changed block
+    while start >= 0:  # one block at a time: 10,000 peers' blocks at once were 4 MB
+        end = body.find(_PEER_MARK, start + 1)
+        block = body[start + len(_PEER_MARK):end if end >= 0 else len(body)]
+        start, tag = end, _tag(block)
         peer = cache.get(tag)
         if peer is None:
-            peer = _parse_block(block)
+            if previous is None:
+                previous = {p.public_key: p for p in cache.values()}
+            peer = _parse_block(block, previous)
         fresh[tag] = peer
         peers.append(peer)
     cache.clear()
@@ -247,9 +246,10 @@ def _in_key_order(peers: list[Peer]) -> tuple[Peer, ...]:
 _PUBLIC_KEY = operator.attrgetter("public_key")
 
 
-def _parse_block(block: str) -> Peer:
+def _parse_block(block: str, previous: dict[str, Peer]) -> Peer:
     lines = block.split("\n")
-    builder = [PeerBuilder(_memo(_KEYS, lines[0], _public_key))]
+    builder = [PeerBuilder(_public_key(lines[0]))]
+    old = previous.get(builder[0].public_key)
     for line in lines[1:]:
         key, sep, value = line.partition("=")
         uint = _PEER_UINTS.get(key)
@@ -258,7 +258,7 @@ def _parse_block(block: str) -> Peer:
         elif not sep or key in _DEVICE_KEYS:
             raise _Again  # a device key among the peers, or no key=value: the whole parse says
         else:
-            _apply(key, value, {}, builder)  # a peer key, or one unknown (ignored)
+            _apply(key, value, {}, builder, old)  # a peer key, or one unknown (ignored)
     return builder[0].build()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from wgnest.analysis.latency import PeerLatency, peer_verdict, same_series
+from wgnest.analysis.latency import PeerLatency, peer_verdict
 from wgnest.model.probes import BUCKETS, ProbeSnapshot, SeriesSnapshot, series_order
 from wgnest.surfaces.exposition import Family, counter, exposition, gauge, light_format
 
@@ -51,7 +51,8 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
                 sent.add(key, s.sent)
                 received.add(key, s.received)
     for (device, public_key), paths in peers.items():
-        verdict, samples = _peer_samples(device, public_key, paths, ratio, min_excess)
+        verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
+        samples = _peer_samples(device, public_key, paths, verdict)
         if detail and verdict.ratio is not None:
             over.add((device, public_key), verdict.ratio)
         anomaly.add((device, public_key), int(verdict.anomaly))
@@ -107,11 +108,9 @@ def _peer_paths(snap: ProbeSnapshot) -> dict[tuple[str, str], dict[str, SeriesSn
 
 
 def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot],
-                  ratio: float, min_excess: float
-                  ) -> tuple[PeerLatency, list[tuple[tuple[str, str, str], float]]]:
-    """The peer's verdict and its median samples: the real path and, when its flow
-    differs (a nested peer), the direct one."""
-    verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
+                  verdict: PeerLatency) -> list[tuple[tuple[str, str, str], float]]:
+    """The peer's median samples: the real path and, when its flow differs (a nested
+    peer), the direct one."""
     medians: list[tuple[tuple[str, str, str], float]] = []
     if verdict.real_path:
         real, direct = paths[verdict.real_path], paths.get("direct")
@@ -121,17 +120,17 @@ def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot]
             value = verdict.median.get(path)
             if value is not None:
                 medians.append(((device, public_key, path), value))
-    return verdict, medians
+    return medians
 
 
 class ProbeLines:
-    """Each peer's median and anomaly lines as last written, with the series they were
+    """Each peer's median and anomaly lines as last written, with the verdict they were
     written from: the prober keeps a series' snapshot until it is probed again, so most
-    peers come back with the very same objects and their lines are reused."""
+    peers come back with the very same series, peer_verdict() with the very same verdict,
+    and their lines are reused."""
 
     def __init__(self) -> None:
-        self.peers: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ...],
-                                                str, str]] = {}
+        self.peers: dict[tuple[str, str], tuple[PeerLatency, str, str]] = {}
 
 
 def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: ProbeLines) -> bytes:
@@ -146,14 +145,15 @@ def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: Prob
     medians: list[str] = []
     anomalies: list[str] = []
     for (device, public_key), paths in _peer_paths(snap).items():
+        verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
         hit = old.get((device, public_key))
-        if hit is not None and same_series(hit[0], hit[1], paths):
-            lines, flag = hit[2], hit[3]
+        if hit is not None and hit[0] is verdict:
+            lines, flag = hit[1], hit[2]
         else:
-            verdict, samples = _peer_samples(device, public_key, paths, ratio, min_excess)
+            samples = _peer_samples(device, public_key, paths, verdict)
             lines = "".join([median_line(values, value) for values, value in samples])
             flag = anomaly_line((device, public_key), int(verdict.anomaly))
-        fresh[device, public_key] = (tuple(paths), tuple(paths.values()), lines, flag)
+        fresh[device, public_key] = (verdict, lines, flag)
         medians.append(lines)
         anomalies.append(flag)
     cache.peers = fresh
