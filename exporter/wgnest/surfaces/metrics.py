@@ -40,7 +40,10 @@ _T = TypeVar("_T")
 
 
 _LABELS_MAX = 1 << 16
-_allowed_labels: dict[tuple[IPNetwork, ...], str] = {}  # remembered: str() of an IPv6 is slow
+# public key -> (its allowed IPs, their label), remembered: str() of an IPv6 is slow. Found
+# by key and compared (element by element, by identity first), not hashed: a network's hash
+# is computed again at each call, for every peer of every block written again.
+_allowed_labels: dict[str, tuple[tuple[IPNetwork, ...], str]] = {}
 
 
 def _order(net: IPNetwork) -> tuple[int, int, int]:
@@ -62,12 +65,14 @@ def _net_text(net: IPNetwork) -> str:
 
 
 def allowed_ips_label(peer: Peer) -> str:
-    label = _allowed_labels.get(peer.allowed_ips)
-    if label is None:
-        label = ",".join(str(n) for n in sorted(peer.allowed_ips, key=_order))
-        if len(_allowed_labels) >= _LABELS_MAX:
-            _allowed_labels.clear()
-        _allowed_labels[peer.allowed_ips] = label
+    ips = peer.allowed_ips
+    hit = _allowed_labels.get(peer.public_key)
+    if hit is not None and (hit[0] is ips or hit[0] == ips):
+        return hit[1]
+    label = ",".join(str(n) for n in sorted(ips, key=_order))
+    if len(_allowed_labels) >= _LABELS_MAX:
+        _allowed_labels.clear()
+    _allowed_labels[peer.public_key] = (ips, label)
     return label
 
 
@@ -269,10 +274,14 @@ PATH_INPUTS: tuple[Callable[[PeerPath], object], ...] = (
     operator.attrgetter("device", "public_key", "verdict", "fix"),
     operator.attrgetter("device", "public_key", "verdict", "mtu"),
 )
-# the same for peer_families()' info and allowed-IP families (the names are compared apart)
+# the same for peer_families()' info, allowed-IP, received, sent and handshake families (the
+# names are compared apart)
 PEER_INPUTS: tuple[Callable[[Peer], object], ...] = (
     operator.attrgetter("public_key", "endpoint", "allowed_ips"),
     operator.attrgetter("public_key", "allowed_ips"),
+    operator.attrgetter("public_key", "rx_bytes"),
+    operator.attrgetter("public_key", "tx_bytes"),
+    operator.attrgetter("public_key", "last_handshake"),
 )
 
 
@@ -295,9 +304,10 @@ class LineCache:
     the same PeerPath (the diagnosis reuses it), so a block of them is reused, neither
     formatted nor compressed again. In a block that changed, a family's piece is kept when
     what it is written from is equal for every peer or path of the block (PEER_INPUTS,
-    PATH_INPUTS): a moved counter leaves the info lines, a moved endpoint the allowed IPs
-    and the nesting flags. Only the handshake ages, which move with the snapshot's time, are
-    always new. Blocks are keyed by device and first key; one thread renders."""
+    PATH_INPUTS): a moved counter leaves the info lines, a moved endpoint the counters, the
+    allowed IPs and the nesting flags. Only the handshake ages, which move with the
+    snapshot's time, are always new. Blocks are keyed by device and first key; one thread
+    renders."""
 
     def __init__(self) -> None:
         self.peers: dict[tuple[str, str], _PeerBlock] = {}
@@ -356,16 +366,22 @@ def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
     if hit is not None and hit.names == names and _identical(hit.peers, block):
         return hit.pieces
     info, allowed, rx, tx, last = writers[:5]
+    old, kept = (hit.peers, hit.pieces) if hit is not None else ((), ())
+
+    def unchanged(family: int) -> bool:
+        return bool(kept) and (family > 0 or (hit is not None and hit.names == names)) and _same(
+            old, block, PEER_INPUTS[family])
+
     plain = not needs_escape("".join([p.public_key for p in block]))
-    counters = tuple(piece(_keyed_text(fmt if plain else None, write, dn, block, value))
-                     for fmt, write, value in zip(formats[2:5], (rx, tx, last), _COUNTERS,
-                                                  strict=True))
-    info_piece = hit.pieces[0] if hit is not None and hit.names == names and _same(
-        hit.peers, block, PEER_INPUTS[0]) else piece(info([
-            ((dn, p.public_key, str(p.endpoint or ""), n, allowed_ips_label(p)), 1)
-            for p, n in zip(block, names, strict=True)]).encode())
-    allowed_piece = hit.pieces[1] if hit is not None and _same(
-        hit.peers, block, PEER_INPUTS[1]) else piece(allowed([
+    counters = tuple(
+        kept[family] if unchanged(family) else
+        piece(_keyed_text(fmt if plain else None, write, dn, block, value))
+        for family, fmt, write, value in zip((2, 3, 4), formats[2:5], (rx, tx, last),
+                                             _COUNTERS, strict=True))
+    info_piece = kept[0] if unchanged(0) else piece(info([
+        ((dn, p.public_key, str(p.endpoint or ""), n, allowed_ips_label(p)), 1)
+        for p, n in zip(block, names, strict=True)]).encode())
+    allowed_piece = kept[1] if unchanged(1) else piece(allowed([
         ((dn, p.public_key, _net_text(net), FAMILY[net.version]), 1)
         for p in block for net in sorted(p.allowed_ips, key=_order)]).encode())
     return (info_piece, allowed_piece, *counters)
