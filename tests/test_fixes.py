@@ -215,6 +215,22 @@ def test_direct_probe_of_a_route_fix_is_bound_to_the_underlay() -> None:
     assert transport[0].bind_device == ""
 
 
+def test_merged_plan_leaves_out_only_a_direct_path_that_is_the_transport_flow() -> None:
+    """merge=True (the defaults): a direct peer's direct path is its transport's flow and is
+    left out; a nested peer's, bound to the underlay by its fix, is kept."""
+    s = host((WG0_FULL, WG1_PLAIN), (), {
+        flow(EP0, 51820, 51820): UNDER4, flow(EP1, 0, 40000): into(WG0, 254)})
+    paths = diagnose(s)
+    full = probe_targets(s, paths, {}).targets
+    merged = probe_targets(s, paths, {}, merge=True).targets
+    same_flow = {(t.device, t.path) for t in full
+                 if t.path == "direct" and t.device == "wg0"}
+    assert same_flow == {("wg0", "direct")}  # wg0 is direct: its direct is its transport
+    assert [t for t in full if (t.device, t.path) != ("wg0", "direct")] == merged
+    assert {(t.device, t.path) for t in merged} == {
+        ("wg0", "transport"), ("wg1", "transport"), ("wg1", "direct")}
+
+
 def test_kernel_device_whose_socket_is_elsewhere_is_unknown_not_a_loop() -> None:
     """The netns trick: a kernel device moved here from the namespace that made it keeps
     its UDP socket there; these tables (default via the device itself) do not route it."""

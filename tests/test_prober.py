@@ -720,6 +720,38 @@ def test_lean_probe_families_hold_at_most_two_rtt_series_a_peer() -> None:
     assert 'wireguard_peer_latency_anomaly{device="wg0",public_key="k2"} 1.0' in text
 
 
+def test_a_merged_direct_path_is_judged_and_written_as_the_transport_series() -> None:
+    """A plan without the direct path that is the transport's own flow (merge=True) gives
+    the same verdicts, medians and lean exposition as one with both series, equal."""
+    import dataclasses
+
+    from wgnest.analysis.latency import peer_latencies
+    from wgnest.surfaces.exposition import exposition
+
+    def at(target_: ProbeTarget, rtts: list[float]) -> SeriesSnapshot:
+        return dataclasses.replace(series(target_.path, rtts, 5), target=target_)
+
+    both = {  # k1: a tunnel 4x its underlay; k2: no tunnel probe, transport only
+        ("wg0", "k1", "tunnel"): at(target("10.0.0.1", "tunnel"), [0.04] * 5),
+        ("wg0", "k1", "transport"): at(target("198.18.0.9", "transport"), [0.01] * 5),
+        ("wg0", "k1", "direct"): at(target("198.18.0.9", "direct"), [0.01] * 5),
+        ("wg0", "k2", "transport"): at(target("198.18.0.8", "transport", key="k2"), [0.02] * 4),
+        ("wg0", "k2", "direct"): at(target("198.18.0.8", "direct", key="k2"), [0.02] * 4),
+    }
+    merged = {k: v for k, v in both.items() if k[2] != "direct"}
+    peers = [("wg0", "k1"), ("wg0", "k2")]
+    full, lean = (peer_latencies(ProbeSnapshot(s), peers) for s in (both, merged))
+    for key in peers:
+        a, b = full[key], lean[key]
+        assert (dict(a.median), dict(a.loss), a.real_path, a.ratio, a.anomaly, a.reason) == (
+            dict(b.median), dict(b.loss), b.real_path, b.ratio, b.anomaly, b.reason)
+    assert lean["wg0", "k1"].anomaly
+    assert lean["wg0", "k1"].median["direct"] == 0.01
+    text = exposition(probe_families(ProbeSnapshot(merged), 1.5, 0.005, detail=False))
+    assert text == exposition(probe_families(ProbeSnapshot(both), 1.5, 0.005, detail=False))
+    assert b'path="direct",public_key="k1"} 0.01' in text
+
+
 def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
     """probe_text (the defaults' render, unchanged peers' lines reused) writes exactly what
     exposition(probe_families(detail=False)) writes: cold, warm, after a series was probed

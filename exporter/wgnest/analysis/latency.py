@@ -174,9 +174,19 @@ def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsho
     return verdict
 
 
+def direct_of(paths: Mapping[str, SeriesSnapshot]) -> SeriesSnapshot | None:
+    """The peer's direct series; the transport's when the prober's plan left out a direct
+    path that is the transport's own flow (probe_targets(merge=True): the same probes)."""
+    return paths.get("direct") or paths.get("transport")
+
+
 def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot],
                   ratio: float, min_excess: float) -> PeerLatency:
-    real, direct = paths.get("tunnel") or paths.get("transport"), paths.get("direct")
+    transport = paths.get("transport")
+    direct = direct_of(paths)
+    if "direct" not in paths and direct is not None:
+        paths = {**paths, "direct": direct}  # (its median and loss are listed as before)
+    real = paths.get("tunnel") or transport
     if real is None:
         flag, reason = False, "no tunnel or transport probe"
         value = None

@@ -57,13 +57,13 @@ TargetCache = dict[tuple[str, str], tuple[PeerPath, Peer, tuple[object, ...],
 
 
 # one tuple for each combination of choices (a few), not one per peer
-_CHOICES: dict[tuple[bool, bool, bool, int], tuple[bool, bool, bool, int]] = {}
+_CHOICES: dict[tuple[bool, bool, bool, int, bool], tuple[bool, bool, bool, int, bool]] = {}
 
 
 def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
                   selection: Selection = Selection(),
                   urgent: Collection[tuple[str, str]] = (),
-                  cache: TargetCache | None = None) -> TargetPlan:
+                  cache: TargetCache | None = None, merge: bool = False) -> TargetPlan:
     """Per peer with an endpoint: `tunnel` (explicit target, else its single-host allowed IP),
     `transport` (the endpoint with the device's own mark, as its UDP packets go) and
     `direct` (the endpoint as the fix would send it: with the kernel-verified fix mark, or
@@ -72,7 +72,12 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
     Chosen by value: no tunnel probe to a peer without a handshake in the last three
     minutes (nothing inside would answer); nested, looping and `urgent` (anomalous) peers
     first, so a probe budget reaches them every round. `cache` (kept by the caller) reuses
-    the targets of unchanged peers."""
+    the targets of unchanged peers.
+
+    With `merge`, a `direct` target that is the transport's very flow (no fix changes its
+    mark or device: most of a gateway's peers) is left out: the prober sends one probe for
+    both anyway, and the latency verdict reads the transport's series as the direct one. A
+    gateway's 10,000 direct peers then keep 10,000 series, not 20,000."""
     peers = peer_index(snap)
     first: list[ProbeTarget] = []
     rest: list[ProbeTarget] = []
@@ -87,7 +92,7 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
         hurry = p.alarming or key in urgent
         recent = peer.last_handshake > 0 and (
             snap.taken_at - peer.last_handshake <= STALE_HANDSHAKE)
-        choices = (wanted, hurry, recent, device.fwmark)
+        choices = (wanted, hurry, recent, device.fwmark, merge)
         if len(_CHOICES) < 256:
             choices = _CHOICES.setdefault(choices, choices)
         hit = cache.get(key) if cache is not None else None
@@ -95,7 +100,7 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
             targets, not_selected, stale = hit[3], hit[4], hit[5]
         else:
             targets, not_selected, stale = _peer_targets(p, peer, device.fwmark, explicit,
-                                                         wanted, hurry, recent)
+                                                         wanted, hurry, recent, merge)
         fresh[key] = (p, peer, choices, targets, not_selected, stale)
         (first if hurry else rest).extend(targets)
         skipped["not_selected"] += not_selected
@@ -107,7 +112,8 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
 
 
 def _peer_targets(p: PeerPath, peer: Peer, fwmark: int, explicit: Explicit, wanted: bool,
-                  hurry: bool, recent: bool) -> tuple[tuple[ProbeTarget, ...], int, int]:
+                  hurry: bool, recent: bool, merge: bool = False
+                  ) -> tuple[tuple[ProbeTarget, ...], int, int]:
     """One peer's targets, and how many were left out (not selected, no recent handshake)."""
     out: list[ProbeTarget] = []
     not_selected = stale = 0
@@ -133,5 +139,7 @@ def _peer_targets(p: PeerPath, peer: Peer, fwmark: int, explicit: Explicit, want
         mark = p.fix.fwmark
     elif p.fix is not None and p.fix.resulting_egress:
         bind = p.fix.resulting_egress  # the kernel then skips routes via other devices
+    if merge and (mark, bind) == (fwmark, ""):
+        return tuple(out), not_selected, stale  # the transport's flow: its series serves
     out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark, bind, hurry))
     return tuple(out), not_selected, stale

@@ -27,6 +27,9 @@ def make_prober(args: argparse.Namespace,
     selection = Selection(args.probe_device, frozenset(args.probe_peers))
     last: list[tuple[Snapshot, TargetPlan]] = []  # the plan of the newest snapshot
     kept: TargetCache = {}  # the targets of each peer, for those that did not change
+    # a direct path that is the transport's flow is one series, unless every path's detail
+    # is asked for (each path's histogram)
+    merge = not getattr(args, "probe_histograms", False)
 
     def plan() -> TargetPlan | None:
         """Derived once per snapshot, not once per probe round; anomalous peers (by the
@@ -40,7 +43,8 @@ def make_prober(args: argparse.Namespace,
                                       [(p.device, p.public_key) for p in paths],
                                       args.anomaly_ratio, args.anomaly_min_excess)
             urgent = {k for k, v in verdicts.items() if v.anomaly}
-            last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent, kept))]
+            last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent, kept,
+                                            merge))]
         return last[0][1]
 
     def targets() -> list[ProbeTarget]:

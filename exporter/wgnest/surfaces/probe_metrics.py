@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from wgnest.analysis.latency import PeerLatency, peer_verdict
+from wgnest.analysis.latency import PeerLatency, direct_of, peer_verdict
 from wgnest.model.probes import BUCKETS, ProbeSnapshot, SeriesSnapshot, series_order
 from wgnest.surfaces.exposition import Family, counter, exposition, gauge, light_format
 
@@ -113,7 +113,7 @@ def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot]
     peer), the direct one."""
     medians: list[tuple[tuple[str, str, str], float]] = []
     if verdict.real_path:
-        real, direct = paths[verdict.real_path], paths.get("direct")
+        real, direct = paths[verdict.real_path], direct_of(paths)
         for path, series in ((verdict.real_path, real), ("direct", direct)):
             if series is None or (path == "direct" and _same_flow(series, real)):
                 continue
