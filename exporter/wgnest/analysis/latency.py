@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from wgnest.model.probes import ProbeSnapshot, SeriesSnapshot
@@ -83,42 +83,29 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
     return False, "ok: " + ", ".join(notes)
 
 
-class PathValues(Mapping[str, float | None]):
-    """path -> value, for a peer's few probed paths: two tuples (the names shared by every
-    peer probed on the same paths) instead of a dict each (a gateway's 10,000 peers: two
-    dicts of 200 bytes each, per verdict)."""
-
-    __slots__ = ("_names", "_values")
-
-    def __init__(self, names: tuple[str, ...], values: tuple[float | None, ...]) -> None:
-        self._names, self._values = names, values
-
-    def __getitem__(self, path: str) -> float | None:
-        try:
-            return self._values[self._names.index(path)]
-        except ValueError:
-            raise KeyError(path) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
 @dataclass(frozen=True, slots=True)
 class PeerLatency:
     device: str
     public_key: str
-    median: Mapping[str, float | None]  # path -> median recent RTT (seconds); probed paths only
-    loss: Mapping[str, float | None]  # path -> lost fraction of the recent window
+    paths: tuple[str, ...]  # the probed paths, sorted (one tuple shared by many peers)
+    series: tuple[SeriesSnapshot, ...]  # their series, in that order (the prober's own)
     real_path: str  # "tunnel" when probed, else "transport"; "" if neither is
     ratio: float | None  # median(real) / median(direct)
     anomaly: bool
     reason: str
+
+    # Medians and losses are worked out when read (a report, the status page, a changed
+    # peer's metric line): a gateway's 10,000 verdicts would otherwise keep two dicts each.
+    @property
+    def median(self) -> dict[str, float | None]:
+        """path -> median recent RTT (seconds); probed paths only."""
+        return {p: _middle(_finite(s.window)) for p, s in zip(self.paths, self.series,
+                                                               strict=True)}
+
+    @property
+    def loss(self) -> dict[str, float | None]:
+        """path -> lost fraction of the recent window."""
+        return {p: s.loss for p, s in zip(self.paths, self.series, strict=True)}
 
 
 def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio: float = 1.5,
@@ -196,8 +183,6 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
                                        real.baseline, ratio=ratio, min_excess=min_excess)
         value = overhead_ratio(real.window, direct.window) if direct else None
     ordered = sorted(paths.items())
-    names = path_names(p for p, _ in ordered)
-    return PeerLatency(device, public_key,
-                       PathValues(names, tuple(median(s.window) for _, s in ordered)),
-                       PathValues(names, tuple(s.loss for _, s in ordered)),
-                       real.target.path if real else "", value, flag, reason)
+    return PeerLatency(device, public_key, path_names(p for p, _ in ordered),
+                       tuple(s for _, s in ordered), real.target.path if real else "", value,
+                       flag, reason)

@@ -52,16 +52,6 @@ def _order(net: IPNetwork) -> tuple[int, int, int]:
 
 
 FAMILY = {4: "IPv4", 6: "IPv6"}
-_net_texts: dict[IPNetwork, str] = {}
-
-
-def _net_text(net: IPNetwork) -> str:
-    text = _net_texts.get(net)
-    if text is None:
-        if len(_net_texts) >= _LABELS_MAX:
-            _net_texts.clear()
-        text = _net_texts[net] = str(net)
-    return text
 
 
 def allowed_ips_label(peer: Peer) -> str:
@@ -121,7 +111,7 @@ def peer_families(snap: Snapshot, names: Mapping[str, str]) -> Iterator[Family]:
             info.add((*labels, str(p.endpoint or ""), names.get(p.public_key, ""),
                       allowed_ips_label(p)), 1)
             for net in sorted(p.allowed_ips, key=_order):
-                allowed.add((*labels, _net_text(net), FAMILY[net.version]), 1)
+                allowed.add((*labels, str(net), FAMILY[net.version]), 1)
             rx.add(labels, p.rx_bytes)
             tx.add(labels, p.tx_bytes)
             last.add(labels, p.last_handshake)
@@ -382,7 +372,7 @@ def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
         ((dn, p.public_key, str(p.endpoint or ""), n, allowed_ips_label(p)), 1)
         for p, n in zip(block, names, strict=True)]).encode())
     allowed_piece = kept[1] if unchanged(1) else piece(allowed([
-        ((dn, p.public_key, _net_text(net), FAMILY[net.version]), 1)
+        ((dn, p.public_key, str(net), FAMILY[net.version]), 1)
         for p in block for net in sorted(p.allowed_ips, key=_order)]).encode())
     return (info_piece, allowed_piece, *counters)
 

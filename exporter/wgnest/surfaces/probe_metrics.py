@@ -114,10 +114,11 @@ def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot]
     medians: list[tuple[tuple[str, str, str], float]] = []
     if verdict.real_path:
         real, direct = paths[verdict.real_path], direct_of(paths)
+        medians_of = verdict.median
         for path, series in ((verdict.real_path, real), ("direct", direct)):
             if series is None or (path == "direct" and _same_flow(series, real)):
                 continue
-            value = verdict.median.get(path)
+            value = medians_of.get(path)
             if value is not None:
                 medians.append(((device, public_key, path), value))
     return medians

@@ -97,12 +97,13 @@ def rtt_text(seconds: float | None) -> str:
 
 def latency_parts(lat: PeerLatency) -> list[str]:
     """`tunnel 40.2 ms`, ... in path order."""
-    order = sorted(lat.median, key=lambda p: PATH_ORDER.index(p) if p in PATH_ORDER else 9)
-    return [f"{path} {rtt_text(lat.median[path])}" for path in order]
+    medians = lat.median
+    order = sorted(medians, key=lambda p: PATH_ORDER.index(p) if p in PATH_ORDER else 9)
+    return [f"{path} {rtt_text(medians[path])}" for path in order]
 
 
 def _latency_line(lat: PeerLatency | None) -> list[str]:
-    if lat is None or not lat.median:
+    if lat is None or not lat.paths:
         return []
     parts = ", ".join(latency_parts(lat))
     tail = f" (x{lat.ratio:.1f} of direct)" if lat.ratio is not None else ""

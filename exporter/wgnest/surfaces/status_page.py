@@ -77,7 +77,7 @@ def _path_cell(p: PeerPath) -> str:
 
 
 def _latency_cell(lat: PeerLatency | None) -> str:
-    if lat is None or not lat.median:
+    if lat is None or not lat.paths:
         return ""
     text = "<br>".join(escape(part) for part in latency_parts(lat))
     if lat.anomaly:
