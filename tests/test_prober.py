@@ -783,7 +783,7 @@ def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
     cold = same(snap)
     kept = dict(cache.peers)
     assert same(snap) == cold
-    assert all(cache.peers[k][2] is kept[k][2] for k in kept)  # the lines themselves, reused
+    assert all(cache.peers[k][1] is kept[k][1] for k in kept)  # the lines themselves, reused
     probed = {**base, ("wg0", "k1", "transport"): at(target("198.18.0.9", "transport"),
                                                      [0.09] * 5)}
     del probed["wg0", "k3", "tunnel"]
@@ -792,4 +792,4 @@ def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
     assert b'public_key="k3"' not in got
     assert b'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k1"} 0.09' \
         in got
-    assert cache.peers["wg0", "k2"][2] is kept["wg0", "k2"][2]
+    assert cache.peers["wg0", "k2"][1] is kept["wg0", "k2"][1]

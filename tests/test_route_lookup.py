@@ -110,6 +110,7 @@ def test_decode_route(body: bytes, want: RouteAnswer) -> None:
     got = decode_route(body)
     assert got == want
     assert got.ok == (want.route_type == 1)
+    assert decode_route(body) is got  # equal answers are one object (a gateway's peers')
 
 
 # --- real kernel, as root, in a namespace of our own ------------------------------------------
