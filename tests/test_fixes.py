@@ -220,15 +220,26 @@ def test_merged_plan_leaves_out_only_a_direct_path_that_is_the_transport_flow() 
     left out; a nested peer's, bound to the underlay by its fix, is kept."""
     s = host((WG0_FULL, WG1_PLAIN), (), {
         flow(EP0, 51820, 51820): UNDER4, flow(EP1, 0, 40000): into(WG0, 254)})
+    import re
+
+    from wgnest.probe.targets import Selection
+
     paths = diagnose(s)
     full = probe_targets(s, paths, {}).targets
     merged = probe_targets(s, paths, {}, merge=True).targets
-    same_flow = {(t.device, t.path) for t in full
-                 if t.path == "direct" and t.device == "wg0"}
-    assert same_flow == {("wg0", "direct")}  # wg0 is direct: its direct is its transport
+
+    def flow_of(device: str, path: str) -> tuple[object, ...]:
+        (t,) = [t for t in full if (t.device, t.path) == (device, path)]
+        return t.address, t.mark, t.bind_device
+
+    assert flow_of("wg0", "direct") == flow_of("wg0", "transport")  # wg0 is direct
+    assert flow_of("wg1", "direct") != flow_of("wg1", "transport")  # bound to eth0 by its fix
     assert [t for t in full if (t.device, t.path) != ("wg0", "direct")] == merged
-    assert {(t.device, t.path) for t in merged} == {
-        ("wg0", "transport"), ("wg1", "transport"), ("wg1", "direct")}
+    # not selected: as many targets as the plan would have had (one for wg0's two paths)
+    skipped = probe_targets(s, paths, {}, Selection(re.compile("none")), merge=True).skipped
+    assert skipped["not_selected"] == 1 + 2
+    assert probe_targets(s, paths, {}, Selection(re.compile("none"))).skipped[
+        "not_selected"] == 2 + 2
 
 
 def test_kernel_device_whose_socket_is_elsewhere_is_unknown_not_a_loop() -> None:

@@ -674,6 +674,11 @@ def test_a_peer_parsed_again_keeps_its_unchanged_addresses() -> None:
     zoned_endpoint = second[zoned].endpoint
     assert zoned_endpoint is not None
     assert (zoned_endpoint.port, zoned_endpoint.scope_id) == (51822, 7)
+    unzoned = moved.replace("[fe80::1%7]:51822", "[fe80::1]:51822")  # the zone went
+    third = parse_uapi(unzoned, name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    assert third == parse(unzoned)
+    assert {p.public_key: p for p in third.peers}[zoned].endpoint == Endpoint(
+        ipaddress.IPv6Address("fe80::1"), 51822, 0)
     assert list(second.values()) == list(parse(moved).peers)
 
 
@@ -702,6 +707,36 @@ def test_cached_parse_of_a_bad_answer_fails_as_the_whole_parse() -> None:
     assert str(cached.value) == str(whole.value)
     late = FULL.replace("allowed_ip=10.1.0.0/16", "allowed_ip=10.1.0.0/16\nlisten_port=1")
     assert parse_uapi(late, name="wgt0", ifindex=7, mtu=1420, cache=cache) == parse(late)  # type: ignore[arg-type]
+
+
+ENDPOINTS = ["1.2.3.4:5", "[fe80::1%7]:5", "[fe80::1]:5", "[fe80::1%lo]:5"]
+NETS = ["10.0.0.0/24", "10.0.0.1/32", "fd00::/64", "fd00::1/128"]
+PEERS = st.lists(st.tuples(st.sampled_from([PUB1, PUB2, PUB3]),
+                           st.none() | st.sampled_from(ENDPOINTS),
+                           st.lists(st.sampled_from(NETS), max_size=3), st.integers(0, 3)),
+                 max_size=3, unique_by=lambda peer: peer[0])
+
+
+def _answer_of(peers: list[tuple[str, str | None, list[str], int]]) -> str:
+    lines = []
+    for key, endpoint, nets, rx in peers:
+        lines += [f"public_key={key}", *([f"endpoint={endpoint}"] if endpoint else []),
+                  *[f"allowed_ip={n}" for n in nets], f"rx_bytes={rx}"]
+    return answer(*lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=PEERS, then=PEERS)
+def test_fuzz_cached_parse_of_a_changed_answer_agrees_with_the_whole_parse(
+        first: list[tuple[str, str | None, list[str], int]],
+        then: list[tuple[str, str | None, list[str], int]]) -> None:
+    """One answer, then another with the same cache: the peers parsed again (and the
+    addresses they keep from the first) are what the whole parse of the second gives,
+    zones included."""
+    cache: PeerCache = {}
+    parse_uapi(_answer_of(first), name="wgt0", ifindex=7, mtu=1420, cache=cache)
+    text = _answer_of(then)
+    assert parse_uapi(text, name="wgt0", ifindex=7, mtu=1420, cache=cache) == parse(text)
 
 
 @settings(max_examples=300, deadline=None)

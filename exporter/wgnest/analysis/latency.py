@@ -96,6 +96,8 @@ class PeerLatency:
 
     # Medians and losses are worked out when read (a report, the status page, a changed
     # peer's metric line): a gateway's 10,000 verdicts would otherwise keep two dicts each.
+    # A snapshot's windows never change (the prober copies a shared array before its next
+    # probe), so they are the ones the verdict was made from.
     @property
     def median(self) -> dict[str, float | None]:
         """path -> median recent RTT (seconds); probed paths only."""

@@ -130,16 +130,17 @@ def _peer_targets(p: PeerPath, peer: Peer, fwmark: int, explicit: Explicit, want
             out.append(ProbeTarget(p.device, p.public_key, "tunnel", inner, 0, "", hurry))
     if peer.endpoint is None:
         return tuple(out), not_selected, stale
-    if not wanted:
-        return tuple(out), not_selected + 2, stale
-    address = peer.endpoint.address
-    out.append(ProbeTarget(p.device, p.public_key, "transport", address, fwmark, "", hurry))
     mark, bind = fwmark, ""
     if p.fix is not None and p.fix.kind == FixKind.FWMARK and p.fix.verified:
         mark = p.fix.fwmark
     elif p.fix is not None and p.fix.resulting_egress:
         bind = p.fix.resulting_egress  # the kernel then skips routes via other devices
-    if merge and (mark, bind) == (fwmark, ""):
-        return tuple(out), not_selected, stale  # the transport's flow: its series serves
+    merged = merge and (mark, bind) == (fwmark, "")  # the transport's flow: its series serves
+    if not wanted:
+        return tuple(out), not_selected + (1 if merged else 2), stale
+    address = peer.endpoint.address
+    out.append(ProbeTarget(p.device, p.public_key, "transport", address, fwmark, "", hurry))
+    if merged:
+        return tuple(out), not_selected, stale
     out.append(ProbeTarget(p.device, p.public_key, "direct", address, mark, bind, hurry))
     return tuple(out), not_selected, stale

@@ -172,9 +172,10 @@ def _apply(key: str, value: str, dev: dict[str, str | int], peers: list[PeerBuil
     elif key in _PEER_UINTS:
         attr, maximum = _PEER_UINTS[key]
         setattr(peers[-1], attr, _uint(value, maximum))
-    elif key == "endpoint":  # (one with a zone prints without it: parsed again)
+    elif key == "endpoint":  # (one with a zone prints without it: parsed again, always)
         kept = old.endpoint if old is not None else None
-        peers[-1].endpoint = kept if kept is not None and str(kept) == value else _endpoint(value)
+        same = kept is not None and not kept.scope_id and str(kept) == value
+        peers[-1].endpoint = kept if same else _endpoint(value)
     elif key == "allowed_ip":
         nets = peers[-1].allowed_ips
         same = old is not None and len(old.allowed_ips) > len(nets) and str(
