@@ -6,7 +6,7 @@ candidate fixes, see fix_flows). Output is one PeerPath per peer.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -20,6 +20,7 @@ from wgnest.model.host import (
     IPAddress,
     Link,
     Peer,
+    RouteAnswer,
     Snapshot,
     table_name,
 )
@@ -195,13 +196,16 @@ def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),
     lookups = snap.lookups
     if old is not None and old.unchanged(snap):
         return list(old.paths)  # the same peers, routes and answers: the same paths
+    # the route cache hands back the very same answers when no flow changed (counters moved)
+    same_answers = old is not None and lookups is old.snap.lookups
     for d in snap.devices:
         static = (d.ifindex, d.implementation, d.listen_port, d.fwmark)
         known = old if old is not None and old.devices.get(d.name) == static else None
         for p in d.peers:
             path = known.path(len(out), d.name, p.public_key) if known is not None else None
             if (known is not None and path is not None and path.endpoint == str(p.endpoint or "")
-                    and (path.flow is None or lookups.get(path.flow) == known.answer(path))):
+                    and (path.flow is None or same_answers
+                         or known.same_answer(path, lookups))):
                 out.append(path)
             else:
                 out.append(peer_path(view, d, p, allow))
@@ -241,8 +245,12 @@ class _Previous:
             found = self._index.get((device, key))
         return found if found is not None and found.verdict in _SELF_CONTAINED else None
 
-    def answer(self, path: PeerPath) -> object:
-        return self.snap.lookups.get(path.flow) if path.flow is not None else None
+    def same_answer(self, path: PeerPath, lookups: Mapping[Flow, RouteAnswer]) -> bool:
+        """The kernel answers `path`'s flow as before (equal answers are mostly one object:
+        the route lookup shares them)."""
+        now = lookups.get(path.flow) if path.flow is not None else None
+        was = self.snap.lookups.get(path.flow) if path.flow is not None else None
+        return now is was or now == was
 
 
 def parse_allow(spec: str) -> tuple[str, str]:
