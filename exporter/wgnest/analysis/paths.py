@@ -205,7 +205,7 @@ def diagnose(snap: Snapshot, allow: Collection[tuple[str, str]] = (),
             path = known.path(len(out), d.name, p.public_key) if known is not None else None
             if (known is not None and path is not None and path.endpoint == str(p.endpoint or "")
                     and (path.flow is None or same_answers
-                         or known.same_answer(path, lookups))):
+                         or known.same_answer(path.flow, lookups))):
                 out.append(path)
             else:
                 out.append(peer_path(view, d, p, allow))
@@ -245,11 +245,10 @@ class _Previous:
             found = self._index.get((device, key))
         return found if found is not None and found.verdict in _SELF_CONTAINED else None
 
-    def same_answer(self, path: PeerPath, lookups: Mapping[Flow, RouteAnswer]) -> bool:
-        """The kernel answers `path`'s flow as before (equal answers are mostly one object:
-        the route lookup shares them)."""
-        now = lookups.get(path.flow) if path.flow is not None else None
-        was = self.snap.lookups.get(path.flow) if path.flow is not None else None
+    def same_answer(self, flow: Flow, lookups: Mapping[Flow, RouteAnswer]) -> bool:
+        """The kernel answers `flow` as before (equal answers are mostly one object: the
+        route lookup shares them)."""
+        now, was = lookups.get(flow), self.snap.lookups.get(flow)
         return now is was or now == was
 
 

@@ -357,10 +357,11 @@ def _peer_pieces(dn: str, block: tuple[Peer, ...], names: tuple[str, ...],
         return hit.pieces
     info, allowed, rx, tx, last = writers[:5]
     old, kept = (hit.peers, hit.pieces) if hit is not None else ((), ())
+    same_names = hit is not None and hit.names == names  # (only the info lines show names)
 
     def unchanged(family: int) -> bool:
-        return bool(kept) and (family > 0 or (hit is not None and hit.names == names)) and _same(
-            old, block, PEER_INPUTS[family])
+        return bool(kept) and (family > 0 or same_names) and _same(old, block,
+                                                                   PEER_INPUTS[family])
 
     plain = not needs_escape("".join([p.public_key for p in block]))
     counters = tuple(

@@ -15,6 +15,7 @@ from wgnest.surfaces.exposition import (
     key_format,
     light_format,
     needs_escape,
+    sample_value,
 )
 
 if TYPE_CHECKING:  # prometheus_client is imported only for --probe.histograms
@@ -165,11 +166,12 @@ def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: Prob
             lines = "".join([median_line(values, value) for values, value in samples])
         fresh[device, public_key] = (verdict, lines)
         medians.append(lines)
-        fmt = formats[device] if device in formats else formats.setdefault(
-            device, key_format(anomaly, device))
-        anomalies.append(fmt % (public_key, "1.0" if verdict.anomaly else "0.0")
+        if device not in formats:
+            formats[device] = key_format(anomaly, device)
+        fmt, flag = formats[device], int(verdict.anomaly)
+        anomalies.append(fmt % (public_key, sample_value(flag))
                          if fmt is not None and not needs_escape(public_key)
-                         else anomaly_line((device, public_key), int(verdict.anomaly)))
+                         else anomaly_line((device, public_key), flag))
     cache.peers = fresh
     return b"".join([(median_form[0] + "".join(medians)).encode(),
                      (anomaly_form[0] + "".join(anomalies)).encode(),
