@@ -135,6 +135,27 @@ def test_allowed_ips_info_one_series_per_allowed_ip_sorted_fully() -> None:
     assert 'allowed_ips="10.1.0.0/16,10.1.0.0/24,10.2.0.0/24,fd00::/64"' in text
 
 
+_V6_EDGES = st.sampled_from([0, 1, 2, 0xFFFF << 32, (0xFFFF << 32) + 1, 1 << 48, (1 << 48) - 1,
+                             (1 << 32) - 1, 1 << 32, 0xFE80 << 112, (1 << 128) - 1])
+
+
+@settings(max_examples=3000)
+@given(st.one_of(st.integers(0, (1 << 128) - 1), _V6_EDGES,
+                 st.integers(0, 0xFFFF).map(lambda w: w << 80 | 1),  # zero runs of all lengths
+                 st.lists(st.sampled_from([0, 0, 1, 0xFFFF]), min_size=8, max_size=8).map(
+                     lambda ws: sum(w << (16 * i) for i, w in enumerate(ws)))),
+       st.integers(0, 128), st.integers(0, (1 << 32) - 1), st.integers(0, 32))
+def test_network_text_is_str_of_the_network(v6: int, plen6: int, v4: int, plen4: int) -> None:
+    """The labels' inet_ntop/inet_ntoa text of a network is ipaddress's own str()."""
+    import ipaddress
+
+    from wgnest.surfaces.metrics import network_text
+
+    for net in (ipaddress.IPv6Network((v6, plen6), strict=False),
+                ipaddress.IPv4Network((v4, plen4), strict=False)):
+        assert network_text(net) == str(net)
+
+
 def test_cached_wireguard_text_is_the_exposition_of_the_families() -> None:
     """wireguard_pieces (blocks of unchanged peers and paths reused) hold exactly what
     exposition(wireguard_families()) writes: on every scenario of the analysis tests, cold,

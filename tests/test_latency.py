@@ -127,3 +127,9 @@ def test_peer_verdict_is_remembered_for_the_same_series_only() -> None:
     assert not after.anomaly
     looser = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0, 0.005)
     assert not looser.anomaly  # another ratio: judged again
+    # the same key on another device (verdicts are kept by key): its own verdict
+    other = peer_verdict("wg2", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0, 0.005)
+    assert other is not looser
+    assert other.device == "wg2"
+    assert peer_verdict("wg2", "K" * 43 + "=", {"direct": fast, "tunnel": slow}, 10.0,
+                        0.005) is not other  # (in another order: judged again)

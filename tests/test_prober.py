@@ -792,4 +792,4 @@ def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
     assert b'public_key="k3"' not in got
     assert b'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k1"} 0.09' \
         in got
-    assert cache.peers["wg0", "k2"][1] is kept["wg0", "k2"][1]
+    assert cache.peers["k2"][1] is kept["k2"][1]

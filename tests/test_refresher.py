@@ -216,5 +216,17 @@ def test_flows_are_kept_while_the_endpoint_is() -> None:
         third = _flows(reader, (dataclasses.replace(device, peers=(moved, *device.peers[1:])),))
         assert third[0] is not first[0]
         assert (str(third[0].dst), third[0].dport) == ("198.51.100.99", 4242)
+        # an equal endpoint (another object, as the kernel's are) keeps it; a port moved alone
+        # does not, nor does a link-local address's zone
+        copy = dataclasses.replace(moved, endpoint=Endpoint(ip_address("198.51.100.99"), 4242))
+        assert _flows(reader, (dataclasses.replace(
+            device, peers=(copy, *device.peers[1:])),))[0] is third[0]
+        port = dataclasses.replace(moved, endpoint=Endpoint(ip_address("198.51.100.99"), 4243))
+        assert _flows(reader, (dataclasses.replace(
+            device, peers=(port, *device.peers[1:])),))[0].dport == 4243
+        zones = [dataclasses.replace(moved, endpoint=Endpoint(ip_address("fe80::1"), 4243, z))
+                 for z in (2, 3)]
+        assert [_flows(reader, (dataclasses.replace(device, peers=(z, *device.peers[1:])),))[0]
+                .oif for z in zones] == [2, 3]
     finally:
         reader.close()

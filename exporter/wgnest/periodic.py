@@ -11,9 +11,10 @@ log = logging.getLogger(__name__)
 
 
 class Periodic:
-    """Runs `work()` now and then every `interval` seconds (measured start to start) until
-    stopped. An exception in one run is handed to `on_error` (default: logged) and the
-    loop goes on: one failing run never ends the thread."""
+    """Runs `work()` now (or after `start(delay)`) and then every `interval` seconds
+    (measured start to start) until stopped. An exception in one run is handed to
+    `on_error` (default: logged) and the loop goes on: one failing run never ends the
+    thread."""
 
     def __init__(self, name: str, interval: float, work: Callable[[], object],
                  on_error: Callable[[Exception], None] | None = None,
@@ -26,7 +27,9 @@ class Periodic:
     def _log(self, exc: Exception) -> None:
         log.error("%s failed: %s: %s", self.name, type(exc).__name__, exc)
 
-    def _loop(self) -> None:
+    def _loop(self, delay: float) -> None:
+        if delay > 0 and self.stopping.wait(delay):
+            return
         while not self.stopping.is_set():
             began = self._clock()
             try:
@@ -42,10 +45,12 @@ class Periodic:
     def on_this_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def start(self) -> None:
+    def start(self, delay: float = 0.0) -> None:
+        """`delay`: seconds before the first run (the caller has just done one)."""
         if not self.running:
             self.stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=self._loop, args=(delay,), name=self.name,
+                                            daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> bool:

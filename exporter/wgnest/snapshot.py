@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from wgnest.analysis.fixes import fix_flows
 from wgnest.analysis.flows import transport_flow
 from wgnest.model.failures import SourceFailure
-from wgnest.model.host import Device, Flow, Peer, RouteAnswer, Snapshot
+from wgnest.model.host import Device, Endpoint, Flow, Peer, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
@@ -41,9 +41,9 @@ class Reader:
     # each userspace device's peers by their text in its last answer (see parse_uapi)
     uapi_caches: dict[str, PeerCache] = field(default_factory=dict)
     # per device: its peers, (mark, port), their transport flows, and each peer's flow by
-    # key, kept while the same Peer comes back on the same device
+    # key, kept while the peer's endpoint is the one it was made from
     flows: dict[str, tuple[tuple[Peer, ...], tuple[int, int], list[Flow],
-                           dict[str, tuple[Peer, Flow | None]]]] = field(default_factory=dict)
+                           dict[str, Flow]]] = field(default_factory=dict)
 
     def close(self) -> None:
         self.netstate.close()
@@ -70,9 +70,18 @@ class _Run:
         self.failures.extend(exc.failure(collector) for exc in errors)
 
 
+def _flow_of(endpoint: Endpoint | None, flow: Flow) -> bool:
+    """Whether the transport flow (of a device whose mark and port are unchanged) is this
+    endpoint's."""
+    return endpoint is not None and (
+        flow.dst is endpoint.address or flow.dst == endpoint.address) and (
+        flow.dport == endpoint.port) and (
+        flow.oif == (endpoint.scope_id if endpoint.family == 6 else 0))
+
+
 def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
-    """The transport flows of every peer: a peer with the same endpoint object, on a
-    device with the same mark and port, keeps its Flow (whose hash is already made); a
+    """The transport flows of every peer: a peer with the same endpoint, on a device with
+    the same mark and port, keeps its Flow (whose hash is already made); a
     device whose peers are all the same objects keeps its list of them at once."""
     old, new = reader.flows, {}
     out: list[Flow] = []
@@ -86,17 +95,14 @@ def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
         known = before[3] if before is not None and before[1] == static else {}
         flows, each = [], {}
         for p in d.peers:
-            hit = known.get(p.public_key)
+            flow = known.get(p.public_key)
             # the flow is the endpoint's (on this device): a peer whose counters or
             # handshake moved keeps it (the UAPI parse gives an unchanged endpoint as the
-            # same object; the kernel's are compared)
-            if hit is not None and (hit[0].endpoint is p.endpoint
-                                    or hit[0].endpoint == p.endpoint):
-                flow = hit[1]
-            else:
+            # same object, whose address the flow holds; the kernel's are compared)
+            if flow is None or not _flow_of(p.endpoint, flow):
                 flow = transport_flow(d, p)
-            each[p.public_key] = (p, flow)
             if flow is not None:
+                each[p.public_key] = flow
                 flows.append(flow)
         new[d.name] = (d.peers, static, flows, each)
         out += flows

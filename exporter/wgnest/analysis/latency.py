@@ -87,7 +87,7 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
 class PeerLatency:
     device: str
     public_key: str
-    paths: tuple[str, ...]  # the probed paths, sorted (one tuple shared by many peers)
+    paths: tuple[str, ...]  # the probed paths, as the prober lists them (one tuple shared)
     series: tuple[SeriesSnapshot, ...]  # their series, in that order (the prober's own)
     real_path: str  # "tunnel" when probed, else "transport"; "" if neither is
     ratio: float | None  # median(real) / median(direct)
@@ -98,16 +98,24 @@ class PeerLatency:
     # peer's metric line): a gateway's 10,000 verdicts would otherwise keep two dicts each.
     # A snapshot's windows never change (the prober copies a shared array before its next
     # probe), so they are the ones the verdict was made from.
+    def _listed(self) -> list[tuple[str, SeriesSnapshot]]:
+        """The paths sorted by name, "direct" included where the prober's plan left it out
+        as the transport's own flow (direct_of: the same probes)."""
+        listed = dict(zip(self.paths, self.series, strict=True))
+        direct = direct_of(listed)
+        if "direct" not in listed and direct is not None:
+            listed["direct"] = direct
+        return sorted(listed.items())
+
     @property
     def median(self) -> dict[str, float | None]:
         """path -> median recent RTT (seconds); probed paths only."""
-        return {p: _middle(_finite(s.window)) for p, s in zip(self.paths, self.series,
-                                                               strict=True)}
+        return {p: _middle(_finite(s.window)) for p, s in self._listed()}
 
     @property
     def loss(self) -> dict[str, float | None]:
         """path -> lost fraction of the recent window."""
-        return {p: s.loss for p, s in zip(self.paths, self.series, strict=True)}
+        return {p: s.loss for p, s in self._listed()}
 
 
 def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio: float = 1.5,
@@ -124,13 +132,14 @@ def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio:
             for device, public_key in peers}
 
 
-# The last verdict of each peer with the series it was judged on: the prober keeps a series'
-# snapshot until it is probed again, so most peers come back with the very same objects and
-# their verdict (a pure function of them) is not computed again (10,000 peers: 80 ms, twice
-# a refresh). Checked by identity, never by id(): the series are held here.
-_VERDICTS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[SeriesSnapshot, ...], float,
-                                        float, PeerLatency]] = {}
+# The last verdict of each peer, by public key (its device is checked): the prober keeps a
+# series' snapshot until it is probed again, so most peers come back with the very same
+# objects and their verdict (a pure function of them, held in it) is not computed again
+# (10,000 peers: 80 ms, twice a refresh). Checked by identity, never by id(): the verdict
+# holds the series. Judged with other thresholds, every verdict is made again.
+_VERDICTS: dict[str, PeerLatency] = {}
 _VERDICTS_MAX = 1 << 17
+_THRESHOLDS: list[float] = [math.nan, math.nan]  # (ratio, min_excess) of the verdicts kept
 # one tuple of path names for every peer probed on the same paths (a few combinations)
 _NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -145,21 +154,22 @@ def same_series(names: tuple[str, ...], series: tuple[SeriesSnapshot, ...],
                 paths: Mapping[str, SeriesSnapshot]) -> bool:
     """`paths` are the very series (`names`, `series`) kept from before, in that order:
     the prober keeps a series' snapshot until it changes, so identity says unchanged."""
-    return (len(series) == len(paths) and names == tuple(paths)
+    return (len(series) == len(paths) and all(map(operator.eq, names, paths))
             and all(map(operator.is_, series, paths.values())))
 
 
 def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot], ratio: float,
                  min_excess: float) -> PeerLatency:
-    hit = _VERDICTS.get((device, public_key))
-    if (hit is not None and same_series(hit[0], hit[1], paths) and hit[2] == ratio
-            and hit[3] == min_excess):
-        return hit[4]
-    names, series = path_names(paths), tuple(paths.values())
+    if [ratio, min_excess] != _THRESHOLDS:
+        _VERDICTS.clear()
+        _THRESHOLDS[:] = ratio, min_excess
+    hit = _VERDICTS.get(public_key)
+    if hit is not None and hit.device == device and same_series(hit.paths, hit.series, paths):
+        return hit
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)
     if len(_VERDICTS) >= _VERDICTS_MAX:
         _VERDICTS.clear()
-    _VERDICTS[device, public_key] = (names, series, ratio, min_excess, verdict)
+    _VERDICTS[public_key] = verdict
     return verdict
 
 
@@ -173,8 +183,6 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
                   ratio: float, min_excess: float) -> PeerLatency:
     transport = paths.get("transport")
     direct = direct_of(paths)
-    if "direct" not in paths and direct is not None:
-        paths = {**paths, "direct": direct}  # (its median and loss are listed as before)
     real = paths.get("tunnel") or transport
     if real is None:
         flag, reason = False, "no tunnel or transport probe"
@@ -184,7 +192,5 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
         flag, reason = latency_anomaly(real.window, direct.window if direct else (),
                                        real.baseline, ratio=ratio, min_excess=min_excess)
         value = overhead_ratio(real.window, direct.window) if direct else None
-    ordered = sorted(paths.items())
-    return PeerLatency(device, public_key, path_names(p for p, _ in ordered),
-                       tuple(s for _, s in ordered), real.target.path if real else "", value,
-                       flag, reason)
+    return PeerLatency(device, public_key, path_names(paths), tuple(paths.values()),
+                       real.target.path if real else "", value, flag, reason)

@@ -51,9 +51,10 @@ class TargetPlan:
 
 # A peer's targets as last planned, with what they were planned from: the same PeerPath and
 # Peer objects (an unchanged peer comes back as both) and the same choices give the same
-# targets, the very objects, so the prober sees an unchanged list at once.
-TargetCache = dict[tuple[str, str], tuple[PeerPath, Peer, tuple[object, ...],
-                                          tuple[ProbeTarget, ...], int, int]]
+# targets, the very objects, so the prober sees an unchanged list at once. By public key:
+# the PeerPath names the device (a key on two devices only misses; no tuple key a peer).
+TargetCache = dict[str, tuple[PeerPath, Peer, tuple[object, ...], tuple[ProbeTarget, ...],
+                              int, int]]
 
 
 # one tuple for each combination of choices (a few), not one per peer
@@ -95,13 +96,13 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
         choices = (wanted, hurry, recent, device.fwmark, merge)
         if len(_CHOICES) < 256:
             choices = _CHOICES.setdefault(choices, choices)
-        hit = cache.get(key) if cache is not None else None
+        hit = cache.get(p.public_key) if cache is not None else None
         if hit is not None and hit[0] is p and hit[1] is peer and hit[2] == choices:
             targets, not_selected, stale = hit[3], hit[4], hit[5]
         else:
             targets, not_selected, stale = _peer_targets(p, peer, device.fwmark, explicit,
                                                          wanted, hurry, recent, merge)
-        fresh[key] = (p, peer, choices, targets, not_selected, stale)
+        fresh[p.public_key] = (p, peer, choices, targets, not_selected, stale)
         (first if hurry else rest).extend(targets)
         skipped["not_selected"] += not_selected
         skipped["no_recent_handshake"] += stale

@@ -276,8 +276,10 @@ class Refresher:
         with self._lock:
             self._state = state
 
-    def start(self) -> None:
-        self._loop.start()
+    def start(self, after_a_refresh: bool = False) -> None:
+        """`after_a_refresh`: refresh_once() has just run, so the first periodic refresh
+        waits an interval (serve refreshes before it listens)."""
+        self._loop.start(self._interval if after_a_refresh else 0.0)
 
     def stop(self, timeout: float = 1.0) -> None:
         self._loop.stop(timeout)

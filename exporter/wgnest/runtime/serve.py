@@ -194,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    refresher.start()
+    refresher.start(after_a_refresh=True)
     if prober is not None:
         prober.start()
     for where, server in zip(_addresses(args), servers, strict=True):

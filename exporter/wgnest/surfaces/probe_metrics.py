@@ -141,7 +141,9 @@ class ProbeLines:
     keeping 10,000 of them took 1.5 MB.)"""
 
     def __init__(self) -> None:
-        self.peers: dict[tuple[str, str], tuple[PeerLatency, str]] = {}
+        # by public key: the verdict, which is the same object only for the same peer, names
+        # the device (a key on two devices only misses; no tuple key for 10,000 peers)
+        self.peers: dict[str, tuple[PeerLatency, str]] = {}
 
 
 def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: ProbeLines) -> bytes:
@@ -158,13 +160,13 @@ def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: Prob
     formats: dict[str, str | None] = {}  # device -> key_format of the anomaly family
     for (device, public_key), paths in _peer_paths(snap).items():
         verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
-        hit = old.get((device, public_key))
+        hit = old.get(public_key)
         if hit is not None and hit[0] is verdict:
             lines = hit[1]
         else:
             samples = _peer_samples(device, public_key, paths, verdict)
             lines = "".join([median_line(values, value) for values, value in samples])
-        fresh[device, public_key] = (verdict, lines)
+        fresh[public_key] = (verdict, lines)
         medians.append(lines)
         if device not in formats:
             formats[device] = key_format(anomaly, device)
