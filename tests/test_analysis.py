@@ -615,3 +615,26 @@ def test_reported_devices_and_peers_are_filtered_after_the_analysis() -> None:
     snap, kept = reported(s, paths, Reported(peers_exclude=frozenset({KB})))
     assert [p.public_key for p in kept] == [KA]
     assert [len(d.peers) for d in snap.devices] == [1, 0]
+
+
+def test_paths_hold_the_snapshots_own_flows_where_they_still_match() -> None:
+    """The snapshot builder's flow objects (the keys of its route answers) are the ones the
+    paths hold, not equal copies; a flow that no longer matches its peer (an endpoint moved
+    since) is made again."""
+    from wgnest.analysis.flows import transport_flow
+
+    s = seed()
+    made = {d.name: {p.public_key: f for p in d.peers if (f := transport_flow(d, p))}
+            for d in s.devices}
+    own = dataclasses.replace(s, transport_flows=made)
+    for path in diagnose(own):
+        if path.flow is not None:
+            assert path.flow is made[path.device][path.public_key]
+    wg1 = s.devices[1]
+    moved = dataclasses.replace(wg1.peers[0], endpoint=Endpoint(
+        ipaddress.ip_address("198.51.100.77"), 51999))
+    stale = dataclasses.replace(own, devices=(s.devices[0], dataclasses.replace(
+        wg1, peers=(moved, *wg1.peers[1:]))))
+    path = next(p for p in diagnose(stale) if p.public_key == moved.public_key)
+    assert path.flow is not made[wg1.name][moved.public_key]
+    assert path.flow == transport_flow(wg1, moved)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wgnest.analysis.fixes import fix_flows
-from wgnest.analysis.flows import transport_flow
+from wgnest.analysis.flows import is_transport_flow, transport_flow
 from wgnest.model.failures import SourceFailure
-from wgnest.model.host import Device, Endpoint, Flow, Peer, RouteAnswer, Snapshot
+from wgnest.model.host import Device, Flow, Peer, RouteAnswer, Snapshot
 from wgnest.sources.errors import SourceError
 from wgnest.sources.netstate import NetState
 from wgnest.sources.route_lookup import CachedRouteLookup
@@ -70,15 +70,6 @@ class _Run:
         self.failures.extend(exc.failure(collector) for exc in errors)
 
 
-def _flow_of(endpoint: Endpoint | None, flow: Flow) -> bool:
-    """Whether the transport flow (of a device whose mark and port are unchanged) is this
-    endpoint's."""
-    return endpoint is not None and (
-        flow.dst is endpoint.address or flow.dst == endpoint.address) and (
-        flow.dport == endpoint.port) and (
-        flow.oif == (endpoint.scope_id if endpoint.family == 6 else 0))
-
-
 def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
     """The transport flows of every peer: a peer with the same endpoint, on a device with
     the same mark and port, keeps its Flow (whose hash is already made); a
@@ -99,7 +90,7 @@ def _flows(reader: Reader, devices: tuple[Device, ...]) -> list[Flow]:
             # the flow is the endpoint's (on this device): a peer whose counters or
             # handshake moved keeps it (the UAPI parse gives an unchanged endpoint as the
             # same object, whose address the flow holds; the kernel's are compared)
-            if flow is None or not _flow_of(p.endpoint, flow):
+            if flow is None or not is_transport_flow(flow, d, p):
                 flow = transport_flow(d, p)
             if flow is not None:
                 each[p.public_key] = flow
@@ -134,9 +125,10 @@ def take(reader: Reader, now: Callable[[], float] = time.time) -> Snapshot:
     ports = run.timed("udp_sockets", reader.udp_ports) if kdevs else None
     lookups: dict[Flow, RouteAnswer] = run.timed(
         "route_lookup", lambda: reader.lookup.lookup(_flows(reader, devices))) or {}
-    snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(routes), lookups, ports)
+    snap = Snapshot(now(), devices, tuple(links), tuple(rules), tuple(routes), lookups, ports,
+                    transport_flows={name: kept[3] for name, kept in reader.flows.items()})
     # A fix is only a fix if the kernel agrees: ask it again with each candidate mark.
     fixes = run.timed("route_lookup", lambda: reader.lookup.lookup(fix_flows(snap))) or {}
     return Snapshot(snap.taken_at, devices, snap.links, snap.rules, snap.main_routes,
                     {**lookups, **fixes} if fixes else lookups, ports, tuple(str(p) for p in stale),
-                    tuple(run.failures), run.durations)
+                    tuple(run.failures), run.durations, snap.transport_flows)

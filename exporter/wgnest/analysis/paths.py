@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from wgnest.analysis.fixes import Fix, capture_of, derive_fix
-from wgnest.analysis.flows import transport_flow
 from wgnest.analysis.view import HostView
 from wgnest.model.host import (
     WG_OVERHEAD,
@@ -108,7 +107,7 @@ def _chain(view: HostView, device: Device, peer: Peer, first_oif: int, guest: bo
         if carrier is None:
             return hops, outer_peer
         outer_peer = outer_peer or carrier.public_key
-        flow = transport_flow(outer, carrier)
+        flow = view.transport_flow(outer, carrier)
         ans = view.answer(flow)
         if flow is None or ans is None or not ans.ok:
             return hops, outer_peer
@@ -142,7 +141,7 @@ def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tupl
     """`transport_netns`: the device is a guest of `view`, the namespace of that name that
     holds its socket (and so routes its transport); its own namespace is another one."""
     # One PeerPath built once per peer (no dataclasses.replace): this runs for every peer.
-    flow = transport_flow(device, peer)
+    flow = view.transport_flow(device, peer)
     endpoint = str(peer.endpoint or "")
     guest = bool(transport_netns)
     if flow is None:

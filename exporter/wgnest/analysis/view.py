@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from wgnest.analysis.flows import is_transport_flow, transport_flow
 from wgnest.model.host import (
     RTN_UNICAST,
     TUNNEL_KINDS,
@@ -9,9 +12,12 @@ from wgnest.model.host import (
     Flow,
     IPAddress,
     MainRoute,
+    Peer,
     RouteAnswer,
     Snapshot,
 )
+
+_NO_FLOWS: Mapping[str, Flow] = {}
 
 
 class HostView:
@@ -19,6 +25,13 @@ class HostView:
         self.snap = snap
         self.links = {link.index: link for link in snap.links}
         self.wg_by_index = {d.ifindex: d for d in snap.devices}
+
+    def transport_flow(self, device: Device, peer: Peer) -> Flow | None:
+        """transport_flow(device, peer): the snapshot's own object where it has one."""
+        flow = self.snap.transport_flows.get(device.name, _NO_FLOWS).get(peer.public_key)
+        if flow is not None and is_transport_flow(flow, device, peer):
+            return flow
+        return transport_flow(device, peer)
 
     def is_tunnel(self, oif: int) -> bool:
         link = self.links.get(oif)

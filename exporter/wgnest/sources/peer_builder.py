@@ -6,14 +6,24 @@ from dataclasses import dataclass, field
 
 from wgnest.model.host import Endpoint, IPNetwork, Peer
 
+_PLAIN = ("network_address", "netmask", "_prefixlen")  # what ipaddress' __init__ sets, in order
+
 
 def lean_network(net: IPNetwork) -> IPNetwork:
     """The network without the `hosts` lambda ipaddress gives each /32 and /128 network of
-    its own (for hosts() to list the one address), which wgnest never calls: 235 of its
-    490 bytes, and most of a road-warrior gateway's allowed IPs are such networks (10,000
-    peers: 4.7 MB). Equality, hashing, `in` and str() are unchanged."""
-    net.__dict__.pop("hosts", None)
-    return net
+    its own (for hosts() to list the one address), which wgnest never calls, and with its
+    attributes kept as an instance's are until someone asks for its __dict__ (removing one
+    makes the dict: 64 bytes): 490 -> 190 bytes, and most of a road-warrior gateway's allowed
+    IPs are such networks (10,000 peers with an IPv4 and an IPv6 one: 6 MB). Equality,
+    hashing, `in` and str() are unchanged (tested)."""
+    attrs = vars(net)
+    if tuple(a for a in attrs if a != "hosts") != _PLAIN:  # (another ipaddress: as it is)
+        attrs.pop("hosts", None)
+        return net
+    lean = object.__new__(type(net))
+    for name in _PLAIN:  # in __init__'s order: the class's shared keys
+        object.__setattr__(lean, name, attrs[name])
+    return lean
 
 
 @dataclass
