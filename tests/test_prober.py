@@ -213,23 +213,33 @@ def test_baseline_only_on_the_real_path() -> None:
 
 
 def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
-    """The ring keeps its last `size` values; what it hands a snapshot is its own array
+    """A series keeps its last `window` values; what it hands a snapshot is its own array
     (no copy), which it copies before its next change, so the snapshot never moves."""
-    from wgnest.probe.prober import _Ring
-    ring = _Ring(4)
-    assert ring.shared() == ()  # no array until a value comes
+    from wgnest.probe.prober import _Series
+    ring = _Series(target("198.18.0.2", "tunnel"), 4, 3)
+    assert ring.snapshot().window == ()  # no array until a value comes
     for x in range(1, 7):
-        ring.append(float(x))
-    given = ring.shared()
-    assert (len(ring), sorted(given)) == (4, [3.0, 4.0, 5.0, 6.0])
-    assert ring.shared() is given  # unchanged: the same array again
-    ring.append(7.0)
-    assert sorted(given) == [3.0, 4.0, 5.0, 6.0]  # the snapshot's values stay
-    assert sorted(ring.shared()) == [4.0, 5.0, 6.0, 7.0]
-    assert ring.shared() is not given
-    empty = _Ring(0, "f")
-    empty.append(1.0)
-    assert (len(empty), empty.shared()) == (0, ())
+        ring.add(float(x), "")
+    given = ring.snapshot()
+    assert (len(given.window), sorted(given.window)) == (4, [3.0, 4.0, 5.0, 6.0])
+    assert sorted(given.baseline) == [4.0, 5.0, 6.0]
+    assert ring.snapshot() is given  # unchanged: the same snapshot, the same arrays
+    ring.add(7.0, "")
+    assert sorted(given.window) == [3.0, 4.0, 5.0, 6.0]  # the snapshot's values stay
+    assert sorted(given.baseline) == [4.0, 5.0, 6.0]
+    after = ring.snapshot()
+    assert sorted(after.window) == [4.0, 5.0, 6.0, 7.0]
+    assert sorted(after.baseline) == [5.0, 6.0, 7.0]
+    assert after.window is not given.window
+    ring.add(None, "")  # lost: the window moves, the baseline does not (nor its snapshot's)
+    lost = ring.snapshot()
+    assert lost.baseline is after.baseline
+    ring.add(8.0, "")
+    assert sorted(after.baseline) == [5.0, 6.0, 7.0]
+    assert sorted(ring.snapshot().baseline) == [6.0, 7.0, 8.0]
+    empty = _Series(target("198.18.0.2", "direct"), 0, 0)
+    empty.add(1.0, "")
+    assert (empty.snapshot().window, empty.snapshot().baseline) == ((), ())
 
 
 def test_unprobed_series_and_no_histograms_keep_no_arrays() -> None:
@@ -258,8 +268,8 @@ def test_a_series_snapshot_holds_the_rings_arrays_not_copies() -> None:
     key = ("wg0", "k1", "tunnel")
     s = p.snapshot().series[key]
     ring = p._store[key]
-    assert s.window is ring.window.shared()
-    assert s.baseline is ring.baseline.shared()
+    assert s.window is ring.window
+    assert s.baseline is ring.baseline
     before = list(s.window)
     lost = p.snapshot().series["wg0", "k1", "direct"]
     assert (lost.recent, lost.recent_sent, lost.loss) == ([], 3, 1.0)

@@ -136,6 +136,16 @@ def _mtu(view: HostView, device: Device, peer: Peer, hops: list[_Hop]) -> MtuCos
     return MtuCost(device.mtu, usable, direct, max(0, direct - usable))
 
 
+# (device, egress) of direct paths, one tuple for every peer with the same (a gateway's
+# 10,000 direct peers: 0.5 MB of equal tuples)
+_CHAINS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _direct_chain(device: str, egress: str) -> tuple[str, str]:
+    chain = (device, egress)
+    return _CHAINS.setdefault(chain, chain) if len(_CHAINS) < 1024 else chain
+
+
 def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tuple[str, str]],
               transport_netns: str = "") -> PeerPath:
     """`transport_netns`: the device is a guest of `view`, the namespace of that name that
@@ -163,7 +173,8 @@ def peer_path(view: HostView, device: Device, peer: Peer, allow: Collection[tupl
                         error=ans.error or "unroutable", transport_netns=transport_netns)
     if not view.is_tunnel(ans.oif):
         return PeerPath(device.name, peer.public_key, endpoint, PathVerdict.DIRECT, flow, egress,
-                        kind, table, ans.gateway, ans.prefsrc, chain=(device.name, egress),
+                        kind, table, ans.gateway, ans.prefsrc,
+                        chain=_direct_chain(device.name, egress),
                         transport_netns=transport_netns)
     hops, outer_peer = _chain(view, device, peer, ans.oif, guest)
     chain = (device.name, *(h.link for h in hops))

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeAlias
 
 from wgnest.model.failures import SourceFailure
 from wgnest.model.probes import (
@@ -54,63 +55,47 @@ def _reason(err: OSError) -> str:
     return "error"
 
 
-class _Ring:
-    """The last `size` values in a flat array (8 bytes each for "d", 4 for "f"), where a
+Values: TypeAlias = "array[float] | tuple[()]"  # a flat ring of RTTs; () until the first
+
+
+def _pushed(values: Values, size: int, at: int, value: float, code: str,
+            shared: bool) -> tuple[Values, int]:
+    """The ring `values` (at most `size`, the oldest at `at` once full) with `value` in it,
+    and where the next goes: a flat array (8 bytes a value for "d", 4 for "f"), where a
     deque would hold a float object and a pointer each (a gateway's 30,000 series with 300
-    RTTs each: 2.4 KB instead of about 10 KB per series). The array grows to `size` as
-    values come (a gateway's series are probed every minute or so: a full baseline takes
-    hours), then the oldest value is overwritten."""
+    RTTs each: 2.4 KB instead of about 10 KB per series). It grows to `size` as values come
+    (a gateway's series are probed every minute or so: a full baseline takes hours), then
+    the oldest value is overwritten. A `shared` array (in a snapshot) is copied first."""
+    if not size:
+        return values, at
+    if not values or shared:
+        values = array(code, values)
+    if len(values) < size:
+        values.append(value)
+        return values, at
+    values[at] = value
+    return values, (at + 1) % size
 
-    __slots__ = ("_code", "_next", "_shared", "_size", "_values")
-
-    def __init__(self, size: int, typecode: str = "d") -> None:
-        # no array until the first value (a gateway's 40,000 rings: 3 MB of empty arrays)
-        self._values: array[float] | tuple[()] = ()
-        self._code, self._size, self._next = typecode, size, 0  # _next: next slot once full
-        self._shared = False  # the array is in a snapshot: copied before it changes
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def append(self, value: float) -> None:
-        if not self._size:
-            return
-        values = self._values
-        if not values or self._shared:
-            values = self._values = array(self._code, values)
-            self._shared = False
-        if len(values) < self._size:
-            values.append(value)
-        else:
-            values[self._next] = value
-            self._next = (self._next + 1) % self._size
-
-    def shared(self) -> Sequence[float]:
-        """The values in no particular order, not copied: the array itself, which the ring
-        then copies before its next change (copy on write), so a series' snapshot and its
-        ring hold one window and one baseline between probes, not two. () when empty."""
-        if not self._values:
-            return ()
-        self._shared = True
-        return self._values
-
-
-# the baseline of a path no verdict reads one of (a gateway's 20,000 direct and transport
-# series): one ring for all of them, which never holds a value
-_NO_RING = _Ring(0, "f")
 
 LOST = math.nan  # a probe of the window that had no answer
 
 
 @dataclass(slots=True)
 class _Series:
+    """A target's counts and its two rings, held here rather than in objects of their own
+    (a gateway's 10,000 series: 1.4 MB)."""
+
     target: ProbeTarget
-    window: _Ring  # RTTs of the last probes, LOST for the unanswered ones
-    baseline: _Ring  # RTTs of the last answered probes (none kept for the direct path)
+    window_size: int  # the last probes' RTTs kept, LOST for the unanswered ones
+    baseline_size: int  # the last answered probes' RTTs kept (0: none, the direct path's)
+    window: Values = ()
+    baseline: Values = ()
+    window_at: int = 0  # the oldest value once the ring is full
+    baseline_at: int = 0
+    # each array is in a snapshot: copied before it changes (copy on write), so a series'
+    # snapshot and its rings hold one window and one baseline between probes, not two
+    window_shared: bool = False
+    baseline_shared: bool = False
     sent: int = 0
     received: int = 0
     counts: list[int] | None = None  # per BUCKETS bound (then +Inf); None: no histograms
@@ -123,20 +108,34 @@ class _Series:
     def add(self, rtt: float | None, error: str) -> None:
         self.made = None
         self.sent, self.error = self.sent + 1, error
-        self.window.append(LOST if rtt is None else rtt)
+        self.window, self.window_at = _pushed(self.window, self.window_size, self.window_at,
+                                              LOST if rtt is None else rtt, "d",
+                                              self.window_shared)
+        self.window_shared = False
         if rtt is not None:
             self.received += 1
             self.rtt_sum += rtt
             if self.counts is not None:
                 self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
-            self.baseline.append(rtt)
+            self.baseline, self.baseline_at = _pushed(
+                self.baseline, self.baseline_size, self.baseline_at, rtt, "f",
+                self.baseline_shared)
+            self.baseline_shared = False
+
+    def keep_baseline(self, size: int) -> None:
+        """From now on keep a baseline of `size` (its tunnel path went: the verdict reads
+        this one now)."""
+        self.baseline_size, self.baseline, self.baseline_at, self.made = size, (), 0, None
 
     def snapshot(self) -> SeriesSnapshot:
         if self.made is None:
+            # the arrays themselves, not copied (copied before their next change); () when
+            # empty
+            self.window_shared = self.baseline_shared = True
             self.made = SeriesSnapshot(  # flat arrays: a float object each would be 3x
                 self.target, self.sent, self.received,
                 array("q", itertools.accumulate(self.counts[:-1])) if self.counts else (),
-                self.rtt_sum, self.window.shared(), self.baseline.shared(), self.error)
+                self.rtt_sum, self.window, self.baseline, self.error)
         return self.made
 
 
@@ -289,10 +288,10 @@ class Prober:
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
                 s = self._store[key] = _Series(
-                    t, _Ring(self.window), _Ring(self.baseline, "f") if keep else _NO_RING,
+                    t, self.window, self.baseline if keep else 0,
                     counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
-            elif keep and not s.baseline.size and self.baseline:  # its tunnel path went
-                s.baseline, s.made = _Ring(self.baseline, "f"), None
+            elif keep and not s.baseline_size and self.baseline:  # its tunnel path went
+                s.keep_baseline(self.baseline)
             if s.target != t:
                 s.target, s.made = t, None
             flow = (t.address, t.mark, t.bind_device)
