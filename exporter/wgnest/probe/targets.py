@@ -6,6 +6,7 @@ import ipaddress
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from wgnest.analysis.fixes import FixKind
 from wgnest.analysis.paths import PeerPath
@@ -53,8 +54,10 @@ class TargetPlan:
 # Peer objects (an unchanged peer comes back as both) and the same choices give the same
 # targets, the very objects, so the prober sees an unchanged list at once. By public key:
 # the PeerPath names the device (a key on two devices only misses; no tuple key a peer).
-TargetCache = dict[str, tuple[PeerPath, Peer, tuple[object, ...], tuple[ProbeTarget, ...],
-                              int, int]]
+# An entry is (path, peer, choices, not selected, stale, *its targets): the targets in the
+# entry, not in a tuple of their own (a gateway's 10,000 peers with one target each).
+TargetCache = dict[str, tuple[object, ...]]
+_TARGETS_AT = 5  # where an entry's targets begin
 
 
 # one tuple for each combination of choices (a few), not one per peer
@@ -97,13 +100,14 @@ def probe_targets(snap: Snapshot, paths: Sequence[PeerPath], explicit: Explicit,
         if len(_CHOICES) < 256:
             choices = _CHOICES.setdefault(choices, choices)
         hit = cache.get(p.public_key) if cache is not None else None
-        if hit is not None and hit[0] is p and hit[1] is peer and hit[2] == choices:
-            targets, not_selected, stale = hit[3], hit[4], hit[5]
-        else:
+        if not (hit is not None and hit[0] is p and hit[1] is peer and hit[2] == choices):
             targets, not_selected, stale = _peer_targets(p, peer, device.fwmark, explicit,
                                                          wanted, hurry, recent, merge)
-        fresh[p.public_key] = (p, peer, choices, targets, not_selected, stale)
-        (first if hurry else rest).extend(targets)
+            hit = (p, peer, choices, not_selected, stale, *targets)
+        fresh[p.public_key] = hit
+        (first if hurry else rest).extend(
+            cast("tuple[ProbeTarget, ...]", hit[_TARGETS_AT:]))
+        not_selected, stale = cast(int, hit[3]), cast(int, hit[4])
         skipped["not_selected"] += not_selected
         skipped["no_recent_handshake"] += stale
     if cache is not None:
