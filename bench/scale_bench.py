@@ -368,7 +368,8 @@ def measure_rss(dev: str, refreshes: int = 6) -> dict[str, Any]:
     """Memory as `wgnest serve` (no prober) holds it, in a process that does nothing else:
     its imports, a Reader and a Refresher, refreshes, a listening server and a few scrapes."""
     import wgnest.runtime.serve  # noqa: F401  (everything serve imports)
-    from wgnest.runtime.refresher import Refresher, tune_malloc
+    from wgnest.runtime.malloc import tune_malloc
+    from wgnest.runtime.refresher import Refresher
     from wgnest.runtime.web import serve
     from wgnest.snapshot import Reader, take
 

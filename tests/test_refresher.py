@@ -166,7 +166,7 @@ def test_a_refresh_freezes_what_it_kept_and_a_full_collection_comes_in_turn() ->
 
 _FREED_BLOCK = """
 import sys
-from wgnest.runtime.refresher import tune_malloc
+from wgnest.runtime.malloc import tune_malloc
 if sys.argv[1] == "tuned":
     print(tune_malloc())
 def rss():

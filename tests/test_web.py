@@ -177,6 +177,29 @@ def test_an_inflated_text_is_not_kept_once_sent(start: Callable[..., Server]) ->
     assert srv._app.text_job is None
 
 
+def test_a_plain_scrape_hands_the_freed_text_back(start: Callable[..., Server],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a plain scrape is sent, glibc is asked to give freed memory back (its text's
+    blocks), each time; a gzip scrape, which copies nothing, does not ask."""
+    import gzip
+    import threading
+
+    from wgnest.runtime import web
+
+    class Both(_SlowText):
+        def metrics_gzip(self) -> tuple[bytes, ...]:
+            return (gzip.compress(BODY),)
+
+    asked = threading.Semaphore(0)
+    monkeypatch.setattr(web, "return_free_memory", asked.release)
+    port = start(Both()).port
+    for _ in range(2):
+        assert get(port)[0] == 200
+        assert asked.acquire(timeout=5)
+    assert get(port, headers={"Accept-Encoding": "gzip"})[0] == 200
+    assert not asked.acquire(timeout=0.5)
+
+
 def test_custom_telemetry_path(start: Callable[..., Server]) -> None:
     port = start(telemetry_path="/probe").port
     assert get(port, "/probe")[2] == BODY

@@ -10,7 +10,6 @@ while the snapshot timestamp stops, never as a healthy exporter serving old data
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import threading
@@ -27,6 +26,7 @@ from wgnest.model.host import Snapshot
 from wgnest.model.netns import HostSnapshot, single
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.periodic import Periodic
+from wgnest.runtime.malloc import return_free_memory
 from wgnest.snapshot import COLLECTORS
 from wgnest.surfaces.exposition import exposition
 from wgnest.surfaces.gzipped import Member, Piece, inflate, member_of
@@ -118,36 +118,6 @@ def _out_of_the_collector(refreshes: int) -> None:
     gc.freeze()
 
 
-def _return_free_memory() -> None:
-    """Give the memory of the previous snapshot back to the system (glibc keeps it)."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
-
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
-MALLOC_ARENAS = 2
-MMAP_THRESHOLD = 128 << 10  # glibc's default, kept fixed
-
-
-def tune_malloc() -> bool:
-    """Before any thread starts: at most MALLOC_ARENAS glibc malloc arenas (as
-    MALLOC_ARENA_MAX=2 would), since each thread (refresh, prober, web) otherwise gets one
-    and the memory freed in one is not reused by the others (2,000 peers: 61.5 -> 58 MiB);
-    and a fixed mmap threshold: glibc otherwise raises it to the largest block freed, so a
-    scrape's inflated exposition or a dump's answer (megabytes) then comes from the heap and
-    stays there once freed (10,000 peers: 92 -> 80 MiB). True if glibc took both."""
-    mallopt = getattr(_LIBC, "mallopt", None)
-    if mallopt is None:
-        return False
-    arenas = mallopt(M_ARENA_MAX, MALLOC_ARENAS) == 1
-    threshold = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1  # (asked either way)
-    return bool(arenas and threshold)
 
 # renders the prober's state; the second argument is the netns label (None: unlabelled)
 ProbeRender = Callable[[ProbeSnapshot, str | None], bytes]
@@ -190,7 +160,7 @@ class Refresher:
             # frozen before the GC is on again: the thousands of objects this refresh made
             # would otherwise start a collection over all of them at the next allocation
             _out_of_the_collector(self._refreshes)
-        _return_free_memory()
+        return_free_memory()
         return state
 
     def _build(self) -> State:

@@ -18,9 +18,10 @@ from wgnest.analysis.latency import peer_latencies
 from wgnest.host_snapshot import HostReader
 from wgnest.model.probes import ProbeSnapshot
 from wgnest.probe.prober import Prober
+from wgnest.runtime.malloc import tune_malloc
 from wgnest.runtime.options import netns_from, reported_from
 from wgnest.runtime.probing import Current, make_prober
-from wgnest.runtime.refresher import Refresher, tune_malloc
+from wgnest.runtime.refresher import Refresher
 from wgnest.runtime.web import Server, serve, serve_socket, systemd_sockets
 from wgnest.runtime.webconfig import WebConfig, WebConfigError, load_web_config
 from wgnest.sources.peer_names import PeerNamesError, load_peer_names

@@ -105,8 +105,12 @@ def inflate(member: bytes | Sequence[bytes]) -> bytes:
     """The text of a gzip member, whole or in chunks (its CRC and length checked)."""
     if isinstance(member, bytes):
         return zlib.decompress(member, 31)
+    # one call over the joined chunks: zlib then writes the text into a few large blocks,
+    # which come from mmap and go back whole, where a piece's text a chunk (thousands of a
+    # few KB each) stayed in malloc's heap after a plain scrape until its next trim
+    # (10,000 peers: +10 MiB)
     reader = zlib.decompressobj(31)
-    text = b"".join([reader.decompress(chunk) for chunk in member]) + reader.flush()
+    text = reader.decompress(b"".join(member)) + reader.flush()
     if not reader.eof or reader.unused_data:
         raise zlib.error("not one whole gzip member")
     return text
