@@ -494,6 +494,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _vm_of(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process, MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
+            if line.startswith(("VmRSS", "VmHWM"))}
+
+
 def serve_run(lab: ScaleLab, warmup: float = 12.0, seconds: float = 20.0,
               args: tuple[str, ...] = ()) -> dict[str, Any]:
     """`wgnest serve` with its defaults (probes on, 5 s refresh) on the lab's device: its
@@ -515,17 +522,17 @@ def serve_run(lab: ScaleLab, warmup: float = 12.0, seconds: float = 20.0,
         run("ip", "netns", "exec", lab.ns, sys.executable, "-c", SCRAPER, str(port),
             str(seconds), str(SCRAPE_INTERVAL), "gzip", timeout=seconds + 60)
         cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
+        quiet = _vm_of(proc.pid)  # as Prometheus scrapes it
         # then /metrics latency under a client scraping as fast as it can (gzip and plain)
         cpu2, wall2 = cpu_seconds(proc.pid), time.monotonic()
         scrape = run("ip", "netns", "exec", lab.ns, sys.executable, "-c", SCRAPER, str(port),
                      str(seconds), "0.25", "gzip,identity", timeout=seconds + 60)
         cpu3, wall3 = cpu_seconds(proc.pid), time.monotonic()
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        rss = next(int(line.split()[1]) for line in status.splitlines()
-                   if line.startswith("VmRSS")) / 1024
+        storm = _vm_of(proc.pid)  # right after the storm of scrapes
         out: dict[str, Any] = json.loads(scrape.stdout.strip().splitlines()[-1])
         out.update(core=(cpu1 - cpu0) / (wall1 - wall0),
-                   core_busy=(cpu3 - cpu2) / (wall3 - wall2), rss=rss)
+                   core_busy=(cpu3 - cpu2) / (wall3 - wall2), rss=quiet["VmRSS"],
+                   rss_storm=storm["VmRSS"], hwm=storm["VmHWM"])
         return out
     finally:
         stop_process(proc, grace=10.0)
@@ -593,7 +600,8 @@ def report(rows: list[dict[str, Any]], runs: int) -> None:
             d = r["defaults"]
             print(f"  {r['peers']:>6} peers: {d['core'] * 100:.1f} % of one core "
                   f"(busy {d['core_busy'] * 100:.1f} %), RSS "
-                  f"{d['rss']:.1f} MiB; /metrics gzip (as Prometheus asks) p50 {ms(d['p50'])} "
+                  f"{d['rss']:.1f} MiB (after the busy scrapes {d['rss_storm']:.1f}, peak "
+                  f"{d['hwm']:.1f}); /metrics gzip (as Prometheus asks) p50 {ms(d['p50'])} "
                   f"ms, p99 {ms(d['p99'])} ms; plain (inflated per scrape) p50 "
                   f"{ms(d['p50_plain'])} ms, p99 {ms(d['p99_plain'])} ms "
                   f"({d['scrapes']} scrapes); {d['series']} series = "
@@ -640,8 +648,9 @@ def goals(r: dict[str, Any]) -> None:
         print(f"  /metrics p50 < 20 ms: {ms(d['p50'])} ms -> {verdict(d['p50'] < 0.020)}")
         print(f"  at most 12 series per peer: {d['series'] / n:.1f} -> "
               f"{verdict(d['series'] / n <= 12)}")
-        print(f"  RSS <= {GOALS['rss_mib']:.0f} MiB (defaults): {d['rss']:.1f} MiB -> "
-              f"{verdict(d['rss'] <= GOALS['rss_mib'])}")
+        print(f"  RSS <= {GOALS['rss_mib']:.0f} MiB (defaults, as Prometheus scrapes): "
+              f"{d['rss']:.1f} MiB -> {verdict(d['rss'] <= GOALS['rss_mib'])} (right after "
+              f"the busy scrapes: {d['rss_storm']:.1f} MiB)")
     print(f"  RSS <= {GOALS['rss_mib']:.0f} MiB (no prober): {r['rss']:.1f} MiB (peak "
           f"{r['hwm']:.1f}) -> {verdict(r['rss'] <= GOALS['rss_mib'])}")
     print(f"  the prober after hours ({r['store_series']} series, windows of "
