@@ -216,7 +216,7 @@ def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
     """A series keeps its last `window` values; what it hands a snapshot is its own array
     (no copy), which it copies before its next change, so the snapshot never moves."""
     from wgnest.probe.prober import _Series
-    ring = _Series(target("198.18.0.2", "tunnel"), 4, 3)
+    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 4, 3)
     assert ring.snapshot().window == ()  # no array until a value comes
     for x in range(1, 7):
         ring.add(float(x), "")
@@ -237,9 +237,26 @@ def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
     ring.add(8.0, "")
     assert sorted(after.baseline) == [5.0, 6.0, 7.0]
     assert sorted(ring.snapshot().baseline) == [6.0, 7.0, 8.0]
-    empty = _Series(target("198.18.0.2", "direct"), 0, 0)
+    empty = _Series(("wg0", "k1", "direct"), target("198.18.0.2", "direct"), 0, 0)
     empty.add(1.0, "")
     assert (empty.snapshot().window, empty.snapshot().baseline) == ((), ())
+
+
+def test_a_new_plan_indexes_the_stores_own_keys() -> None:
+    """A plan adopted again (its targets new objects, one changed) indexes each flow by the
+    very key objects the store holds, not equal copies of them (64 bytes a series)."""
+    import dataclasses
+
+    first = [target("198.18.0.2", "transport"), target("198.18.0.3", "tunnel")]
+    p = FakeProber(lambda: first, {})
+    p._adopt(first)
+    later = [dataclasses.replace(first[0], urgent=True), dataclasses.replace(first[1]),
+             target("198.18.0.4", "transport", key="k2")]
+    p._adopt(later)
+    stored = {id(k) for k in p._store}
+    indexed = [k for keys in p._by_flow.values() for k in keys]
+    assert sorted(indexed) == sorted(p._store)
+    assert all(id(k) in stored for k in indexed)
 
 
 def test_unprobed_series_and_no_histograms_keep_no_arrays() -> None:

@@ -85,6 +85,7 @@ class _Series:
     """A target's counts and its two rings, held here rather than in objects of their own
     (a gateway's 10,000 series: 1.4 MB)."""
 
+    key: SeriesKey  # its key in the store, the one object every index of it holds
     target: ProbeTarget
     window_size: int  # the last probes' RTTs kept, LOST for the unanswered ones
     baseline_size: int  # the last answered probes' RTTs kept (0: none, the direct path's)
@@ -288,14 +289,15 @@ class Prober:
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
                 s = self._store[key] = _Series(
-                    t, self.window, self.baseline if keep else 0,
+                    key, t, self.window, self.baseline if keep else 0,
                     counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
             elif keep and not s.baseline_size and self.baseline:  # its tunnel path went
                 s.keep_baseline(self.baseline)
             if s.target != t:
                 s.target, s.made = t, None
             flow = (t.address, t.mark, t.bind_device)
-            by_flow.setdefault(flow, []).append(key)
+            # the store's own key (an equal new one each plan would be 64 bytes a series)
+            by_flow.setdefault(flow, []).append(s.key)
             urgent[flow] = urgent.get(flow, False) or t.urgent
         # (tuples: a list of two keys per flow is 40 bytes more, 20,000 times)
         self._source, self._urgent = source, urgent
