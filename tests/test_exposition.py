@@ -151,8 +151,9 @@ def test_network_text_is_str_of_the_network(v6: int, plen6: int, v4: int, plen4:
 
     from wgnest.surfaces.metrics import network_text
 
-    for net in (ipaddress.IPv6Network((v6, plen6), strict=False),
-                ipaddress.IPv4Network((v4, plen4), strict=False)):
+    six = ipaddress.IPv6Network((v6, plen6), strict=False)
+    zoned = ipaddress.IPv6Network(f"{six.network_address}%eth0/{plen6}")
+    for net in (six, zoned, ipaddress.IPv4Network((v4, plen4), strict=False)):
         assert network_text(net) == str(net)
 
 

@@ -127,6 +127,13 @@ def test_peer_verdict_is_remembered_for_the_same_series_only() -> None:
     assert not after.anomaly
     looser = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0, 0.005)
     assert not looser.anomaly  # another ratio: judged again
+    # each ratio keeps its own verdicts (threads with two ratios never get the other's)
+    strict = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 1.5, 0.005)
+    assert strict.anomaly
+    assert peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0,
+                        0.005) is looser
+    assert peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 1.5,
+                        0.005) is strict
     # the same key on another device (verdicts are kept by key): its own verdict
     other = peer_verdict("wg2", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 10.0, 0.005)
     assert other is not looser

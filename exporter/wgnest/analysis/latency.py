@@ -136,10 +136,12 @@ def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio:
 # series' snapshot until it is probed again, so most peers come back with the very same
 # objects and their verdict (a pure function of them, held in it) is not computed again
 # (10,000 peers: 80 ms, twice a refresh). Checked by identity, never by id(): the verdict
-# holds the series. Judged with other thresholds, every verdict is made again.
-_VERDICTS: dict[str, PeerLatency] = {}
+# holds the series.
+# One dict per (ratio, min_excess) judged with (serve has one pair; each caller reads the
+# dict of its own, so a verdict is never handed to a caller with other thresholds).
+_VERDICTS: dict[tuple[float, float], dict[str, PeerLatency]] = {}
 _VERDICTS_MAX = 1 << 17
-_THRESHOLDS: list[float] = [math.nan, math.nan]  # (ratio, min_excess) of the verdicts kept
+_THRESHOLDS_MAX = 4
 # one tuple of path names for every peer probed on the same paths (a few combinations)
 _NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -160,16 +162,18 @@ def same_series(names: tuple[str, ...], series: tuple[SeriesSnapshot, ...],
 
 def peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapshot], ratio: float,
                  min_excess: float) -> PeerLatency:
-    if [ratio, min_excess] != _THRESHOLDS:
-        _VERDICTS.clear()
-        _THRESHOLDS[:] = ratio, min_excess
-    hit = _VERDICTS.get(public_key)
+    kept = _VERDICTS.get((ratio, min_excess))
+    if kept is None:
+        if len(_VERDICTS) >= _THRESHOLDS_MAX:
+            _VERDICTS.clear()
+        kept = _VERDICTS.setdefault((ratio, min_excess), {})
+    hit = kept.get(public_key)
     if hit is not None and hit.device == device and same_series(hit.paths, hit.series, paths):
         return hit
     verdict = _peer_verdict(device, public_key, paths, ratio, min_excess)
-    if len(_VERDICTS) >= _VERDICTS_MAX:
-        _VERDICTS.clear()
-    _VERDICTS[public_key] = verdict
+    if len(kept) >= _VERDICTS_MAX:
+        kept.clear()
+    kept[public_key] = verdict
     return verdict
 
 

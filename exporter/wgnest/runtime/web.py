@@ -755,7 +755,8 @@ class _App:
             # the text and the writes' copies, freed, go back to the system: glibc keeps
             # them in its heap otherwise (+10 MiB at 10,000 peers until a refresh trims it)
             del body
-            asyncio.get_running_loop().run_in_executor(self.texts, return_free_memory)
+            with contextlib.suppress(RuntimeError):  # (the pool shut down: serve is ending)
+                asyncio.get_running_loop().run_in_executor(self.texts, return_free_memory)
 
     def _text_done(self, job: asyncio.Future[bytes]) -> None:
         """An inflated text is held by the scrapes that share it, not by the server: once
