@@ -114,8 +114,8 @@ def test_peer_verdict_is_remembered_for_the_same_series_only() -> None:
 
     def series(path: str, rtts: list[float]) -> SeriesSnapshot:
         target = ProbeTarget("wg1", "K" * 43 + "=", path, ipaddress.ip_address("10.0.0.1"), 0)
-        return SeriesSnapshot(target, len(rtts), len(rtts), (), sum(rtts), tuple(rtts),
-                              tuple(rtts))
+        return SeriesSnapshot.of(target, len(rtts), len(rtts), (), sum(rtts), tuple(rtts),
+                                 tuple(rtts))
 
     slow, fast = series("tunnel", noisy(0.040)), series("direct", noisy(0.010))
     first = peer_verdict("wg1", "K" * 43 + "=", {"tunnel": slow, "direct": fast}, 1.5, 0.005)

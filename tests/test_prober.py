@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -97,6 +98,7 @@ class FakeProber(Prober):
     def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], net: dict[str, str],
                  no_socket_marks: tuple[int, ...] = (), histograms: bool = True) -> None:
         super().__init__(targets, timeout=0.2, privileged=True, window=5, baseline=20,
+                         baseline_block=1,
                          histograms=histograms)
         self.disabled_reason = ""  # the fake needs no privilege
         self.net, self.no_socket_marks = net, no_socket_marks
@@ -108,6 +110,14 @@ class FakeProber(Prober):
         ch = FakeChannel(self.net, family, mark)
         self.opened.append(ch)
         return ch
+
+
+CODED = 2e-4  # an RTT decoded from its code is within 0.016 % of the measured one
+
+
+def coded(rtts: list[float]) -> Any:
+    """`rtts` as they read back from the prober's codes."""
+    return pytest.approx(rtts, rel=CODED)
 
 
 def sent_flows(p: FakeProber) -> list[tuple[str, int]]:
@@ -188,7 +198,7 @@ def test_window_and_histogram() -> None:
     assert len(s.buckets) == len(BUCKETS)
     assert s.buckets[-1] == 7
     assert list(s.buckets) == sorted(s.buckets)
-    assert s.rtt_sum == pytest.approx(sum(s.baseline))
+    assert s.rtt_sum == pytest.approx(sum(s.baseline), rel=CODED)
     direct = p.snapshot().series["wg0", "k1", "direct"]  # no verdict reads its baseline
     assert (direct.received, len(direct.recent), len(direct.baseline)) == (7, 5, 0)
 
@@ -216,30 +226,70 @@ def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
     """A series keeps its last `window` values; what it hands a snapshot is its own array
     (no copy), which it copies before its next change, so the snapshot never moves."""
     from wgnest.probe.prober import _Series
-    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 4, 3)
+    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 4, 1, 3)
     assert ring.snapshot().window == ()  # no array until a value comes
     for x in range(1, 7):
         ring.add(float(x), "")
     given = ring.snapshot()
-    assert (len(given.window), sorted(given.window)) == (4, [3.0, 4.0, 5.0, 6.0])
-    assert sorted(given.baseline) == [4.0, 5.0, 6.0]
+    assert (len(given.window), sorted(given.window)) == (4, coded([3.0, 4.0, 5.0, 6.0]))
+    assert sorted(given.baseline) == coded([4.0, 5.0, 6.0])
     assert ring.snapshot() is given  # unchanged: the same snapshot, the same arrays
     ring.add(7.0, "")
-    assert sorted(given.window) == [3.0, 4.0, 5.0, 6.0]  # the snapshot's values stay
-    assert sorted(given.baseline) == [4.0, 5.0, 6.0]
+    assert sorted(given.window) == coded([3.0, 4.0, 5.0, 6.0])  # the snapshot's values stay
+    assert sorted(given.baseline) == coded([4.0, 5.0, 6.0])
     after = ring.snapshot()
-    assert sorted(after.window) == [4.0, 5.0, 6.0, 7.0]
-    assert sorted(after.baseline) == [5.0, 6.0, 7.0]
-    assert after.window is not given.window
+    assert sorted(after.window) == coded([4.0, 5.0, 6.0, 7.0])
+    assert sorted(after.baseline) == coded([5.0, 6.0, 7.0])
+    assert after.codes is not given.codes
     ring.add(None, "")  # lost: the window moves, the baseline does not (nor its snapshot's)
     lost = ring.snapshot()
-    assert lost.baseline is after.baseline
+    assert (sorted(lost.baseline), lost.loss) == (coded([5.0, 6.0, 7.0]), 0.25)
     ring.add(8.0, "")
-    assert sorted(after.baseline) == [5.0, 6.0, 7.0]
-    assert sorted(ring.snapshot().baseline) == [6.0, 7.0, 8.0]
-    empty = _Series(("wg0", "k1", "direct"), target("198.18.0.2", "direct"), 0, 0)
+    assert sorted(after.baseline) == coded([5.0, 6.0, 7.0])
+    assert sorted(ring.snapshot().baseline) == coded([6.0, 7.0, 8.0])
+    assert len(ring.codes) == 4 + 1 + 3  # made whole at the first probe, never grown
+    empty = _Series(("wg0", "k1", "direct"), target("198.18.0.2", "direct"), 0, 1, 0)
     empty.add(1.0, "")
     assert (empty.snapshot().window, empty.snapshot().baseline) == ((), ())
+
+
+def test_baseline_is_the_medians_of_blocks() -> None:
+    """With blocks of 10, the baseline keeps one median per 10 answered probes (lost ones
+    left out), the last `baseline // 10` of them; the block in progress is not in it yet.
+    Its median is the median of all those RTTs (a remedian) within the code's rounding."""
+    from wgnest.probe.prober import _Series
+    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 3)
+    rtts = [0.001 * (1 + (7 * i) % 10) for i in range(45)]  # blocks of 1..10 ms, in turns
+    for i, rtt in enumerate(rtts):
+        ring.add(rtt, "")
+        if i % 4 == 0:
+            ring.add(None, "")  # lost: counted in the window only
+    s = ring.snapshot()
+    # four blocks done (the first one overwritten), five probes in progress
+    assert s.baseline == pytest.approx([0.0055] * 3, rel=CODED)
+    assert (s.received, s.sent, len(s.window)) == (45, 57, 30)
+    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 30)
+    for i in range(300):  # a slow drift: the blocks' medians follow it
+        ring.add(0.010 + 0.0001 * i, "")
+    base = sorted(ring.snapshot().baseline)
+    assert len(base) == 30
+    assert base[0] == pytest.approx(0.01045, rel=CODED)
+    assert base[-1] == pytest.approx(0.03945, rel=CODED)
+
+
+def test_rtt_codes_round_trip_within_their_step() -> None:
+    from wgnest.model.probes import RTT_LOST, code_rtt, median_of_codes, rtt_code
+    for rtt in (1.2e-7, 2.5e-5, 0.0001, 0.0123, 0.5, 3.0, 99.0):
+        assert code_rtt(rtt_code(rtt)) == pytest.approx(rtt, rel=CODED)
+    assert rtt_code(0.0) == rtt_code(1e-9) == 2  # below 100 ns: the floor
+    assert rtt_code(1e6) == 65535  # above 100 s: the top
+    assert math.isnan(code_rtt(RTT_LOST))
+    assert rtt_code(0.0101) > rtt_code(0.0100)  # monotonic: medians of codes are medians
+    # a median reads to 3 significant digits, as ping shows it: the code's step is hidden
+    assert median_of_codes([rtt_code(0.04)] * 3 + [RTT_LOST, 0]) == (0.04, 3)
+    assert median_of_codes([rtt_code(x) for x in (0.0123456, 0.02, 0.09)]) == (0.02, 3)
+    assert median_of_codes([rtt_code(0.001), rtt_code(0.002)]) == (0.0015, 2)
+    assert median_of_codes([RTT_LOST, 0]) == (None, 0)
 
 
 def test_a_new_plan_indexes_the_stores_own_keys() -> None:
@@ -271,7 +321,7 @@ def test_unprobed_series_and_no_histograms_keep_no_arrays() -> None:
         p.run_once()
     s = p.snapshot().series["wg0", "k1", "transport"]
     assert (s.buckets, s.received, len(s.recent), len(s.baseline)) == ((), 3, 3, 3)
-    assert s.rtt_sum == pytest.approx(sum(s.baseline))
+    assert s.rtt_sum == pytest.approx(sum(s.baseline), rel=CODED)
     assert p.snapshot().series["wg0", "k1", "direct"].baseline == ()
 
 
@@ -285,15 +335,14 @@ def test_a_series_snapshot_holds_the_rings_arrays_not_copies() -> None:
     key = ("wg0", "k1", "tunnel")
     s = p.snapshot().series[key]
     ring = p._store[key]
-    assert s.window is ring.window
-    assert s.baseline is ring.baseline
+    assert s.codes is ring.codes
     before = list(s.window)
     lost = p.snapshot().series["wg0", "k1", "direct"]
     assert (lost.recent, lost.recent_sent, lost.loss) == ([], 3, 1.0)
     p.run_once()
     assert list(s.window) == before
     after = p.snapshot().series[key]
-    assert after.window is not s.window
+    assert after.codes is not s.codes
     assert (after.recent_sent, len(after.recent), after.loss) == (4, 4, 0.0)
 
 
@@ -336,8 +385,8 @@ def test_disabled_prober_reports_and_exports_nothing() -> None:
 def series(path: str, rtts: Sequence[float], sent: int, key: str = "k1") -> SeriesSnapshot:
     buckets = tuple(sum(r <= b for r in rtts) for b in BUCKETS)
     window = (*rtts, *[math.nan] * (sent - len(rtts)))  # the lost ones: NaN
-    return SeriesSnapshot(target(f"198.18.0.{len(path)}", path, key=key), sent, len(rtts),
-                          buckets, sum(rtts), window, tuple(rtts))
+    return SeriesSnapshot.of(target(f"198.18.0.{len(path)}", path, key=key), sent, len(rtts),
+                             buckets, sum(rtts), window, tuple(rtts))
 
 
 def render(snap: ProbeSnapshot) -> str:

@@ -35,35 +35,47 @@ def median(values: Sequence[float]) -> float | None:
 
 def overhead_ratio(real: Sequence[float], direct: Sequence[float]) -> float | None:
     """median(real) / median(direct); None if either is empty or the direct median <= 0."""
-    r, d = median(real), median(direct)
-    if r is None or d is None or d <= 0:
-        return None
-    return r / d
+    return _ratio(median(real), median(direct))
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms"
 
 
+Summary = tuple["float | None", int]  # (median RTT or None, answered probes it is of)
+
+
+def summary(values: Sequence[float]) -> Summary:
+    """The median of the finite values and how many there are."""
+    xs = _finite(values)
+    return _middle(xs), len(xs)
+
+
 def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Sequence[float],
                     *, ratio: float = 1.5, min_excess: float = 0.005, jump_ratio: float = 3.0,
                     min_samples: int = 3) -> tuple[bool, str]:
-    """(anomaly, one-line reason).
+    """judge() over RTT lists (seconds; NaN for a lost probe)."""
+    return judge(summary(real), summary(direct), summary(baseline), ratio=ratio,
+                 min_excess=min_excess, jump_ratio=jump_ratio, min_samples=min_samples)
+
+
+def judge(real: Summary, direct: Summary, baseline: Summary, *, ratio: float = 1.5,
+          min_excess: float = 0.005, jump_ratio: float = 3.0,
+          min_samples: int = 3) -> tuple[bool, str]:
+    """(anomaly, one-line reason) from the medians of the real path's recent RTTs, the
+    direct path's, and the real path's longer baseline.
 
     Anomaly when the real path is at least `ratio` times and `min_excess` seconds slower than
     direct, or its recent median jumped `jump_ratio` times (and `min_excess`) above its own
-    longer `baseline`. Each series needs `min_samples` samples to count.
+    baseline. Each median needs `min_samples` samples to count.
     """
-    # each series sorted once (the baseline holds hundreds of RTTs, per peer, per scrape)
-    real_xs = _finite(real)
-    n, real_med = len(real_xs), _middle(real_xs)
+    real_med, n = real
     if real_med is None or n < min_samples:
         # one string for every peer in this state (most of a gateway's, between probes)
         return False, sys.intern(f"not enough samples on the real path ({n} < {min_samples})")
     notes: list[str] = []
-    direct_xs = _finite(direct)
-    direct_med = _middle(direct_xs)
-    if direct_med is not None and len(direct_xs) >= min_samples:
+    direct_med, direct_n = direct
+    if direct_med is not None and direct_n >= min_samples:
         excess = real_med - direct_med
         if direct_med > 0 and real_med / direct_med >= ratio and excess >= min_excess:
             return True, (f"real path {_ms(real_med)} is {real_med / direct_med:.1f}x direct "
@@ -72,15 +84,18 @@ def latency_anomaly(real: Sequence[float], direct: Sequence[float], baseline: Se
         notes.append(f"real {_ms(real_med)} vs direct {_ms(direct_med)} ({rel})")
     else:
         notes.append(f"real {_ms(real_med)}, direct path has too few samples")
-    base_xs = _finite(baseline)
-    base_med = _middle(base_xs)
-    if base_med is not None and len(base_xs) >= min_samples:
+    base_med, base_n = baseline
+    if base_med is not None and base_n >= min_samples:
         excess = real_med - base_med
         if base_med > 0 and real_med >= jump_ratio * base_med and excess >= min_excess:
             return True, (f"real path {_ms(real_med)} jumped {real_med / base_med:.1f}x above "
                           f"its baseline {_ms(base_med)} (+{_ms(excess)})")
         notes.append(f"baseline {_ms(base_med)}")
     return False, "ok: " + ", ".join(notes)
+
+
+def _ratio(real: float | None, direct: float | None) -> float | None:
+    return None if real is None or direct is None or direct <= 0 else real / direct
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +125,7 @@ class PeerLatency:
     @property
     def median(self) -> dict[str, float | None]:
         """path -> median recent RTT (seconds); probed paths only."""
-        return {p: _middle(_finite(s.window)) for p, s in self._listed()}
+        return {p: s.recent_median[0] for p, s in self._listed()}
 
     @property
     def loss(self) -> dict[str, float | None]:
@@ -192,9 +207,11 @@ def _peer_verdict(device: str, public_key: str, paths: Mapping[str, SeriesSnapsh
         flag, reason = False, "no tunnel or transport probe"
         value = None
     else:
-        # (each reads the windows' finite RTTs: a lost probe's NaN is left out there)
-        flag, reason = latency_anomaly(real.window, direct.window if direct else (),
-                                       real.baseline, ratio=ratio, min_excess=min_excess)
-        value = overhead_ratio(real.window, direct.window) if direct else None
+        # (medians of the windows' answered probes: a lost one is left out there)
+        real_med = real.recent_median
+        direct_med = direct.recent_median if direct else (None, 0)
+        flag, reason = judge(real_med, direct_med, real.baseline_median, ratio=ratio,
+                             min_excess=min_excess)
+        value = _ratio(real_med[0], direct_med[0])
     return PeerLatency(device, public_key, path_names(paths), tuple(paths.values()),
                        real.target.path if real else "", value, flag, reason)

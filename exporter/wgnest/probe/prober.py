@@ -12,7 +12,6 @@ import bisect
 import contextlib
 import errno
 import itertools
-import math
 import os
 import random
 import select
@@ -29,10 +28,13 @@ from typing import TypeAlias
 from wgnest.model.failures import SourceFailure
 from wgnest.model.probes import (
     BUCKETS,
+    RTT_LOST,
     ProbeSnapshot,
     ProbeTarget,
     SeriesKey,
     SeriesSnapshot,
+    code_rtt,
+    rtt_code,
     series_order,
 )
 from wgnest.periodic import Periodic
@@ -55,48 +57,30 @@ def _reason(err: OSError) -> str:
     return "error"
 
 
-Values: TypeAlias = "array[float] | tuple[()]"  # a flat ring of RTTs; () until the first
-
-
-def _pushed(values: Values, size: int, at: int, value: float, code: str,
-            shared: bool) -> tuple[Values, int]:
-    """The ring `values` (at most `size`, the oldest at `at` once full) with `value` in it,
-    and where the next goes: a flat array (8 bytes a value for "d", 4 for "f"), where a
-    deque would hold a float object and a pointer each (a gateway's 30,000 series with 300
-    RTTs each: 2.4 KB instead of about 10 KB per series). It grows to `size` as values come
-    (a gateway's series are probed every minute or so: a full baseline takes hours), then
-    the oldest value is overwritten. A `shared` array (in a snapshot) is copied first."""
-    if not size:
-        return values, at
-    if not values or shared:
-        values = array(code, values)
-    if len(values) < size:
-        values.append(value)
-        return values, at
-    values[at] = value
-    return values, (at + 1) % size
-
-
-LOST = math.nan  # a probe of the window that had no answer
+Codes: TypeAlias = "array[int] | tuple[()]"  # RTT codes (model.probes.rtt_code); ()
 
 
 @dataclass(slots=True)
 class _Series:
-    """A target's counts and its two rings, held here rather than in objects of their own
-    (a gateway's 10,000 series: 1.4 MB)."""
+    """A target's counts and its RTT codes, held here rather than in objects of their own
+    (a gateway's 10,000 series: 1.4 MB). `codes` is one flat array made at its full size at
+    the first probe and then changed in place (arrays grown by appends, and the copies a
+    snapshot forces, left the heap in holes: 36 MiB after hours at 10,000 peers instead of
+    7): the window's ring, then the block in progress and the baseline's ring of block
+    medians (see SeriesSnapshot)."""
 
     key: SeriesKey  # its key in the store, the one object every index of it holds
     target: ProbeTarget
-    window_size: int  # the last probes' RTTs kept, LOST for the unanswered ones
-    baseline_size: int  # the last answered probes' RTTs kept (0: none, the direct path's)
-    window: Values = ()
-    baseline: Values = ()
-    window_at: int = 0  # the oldest value once the ring is full
-    baseline_at: int = 0
-    # each array is in a snapshot: copied before it changes (copy on write), so a series'
-    # snapshot and its rings hold one window and one baseline between probes, not two
-    window_shared: bool = False
-    baseline_shared: bool = False
+    window_size: int  # the last probes kept, RTT_LOST for the unanswered ones
+    block_size: int  # answered probes a baseline entry is the median of
+    blocks: int  # baseline entries kept (0: no baseline, the direct path's)
+    codes: Codes = ()
+    window_at: int = 0  # where the next probe's code goes
+    pending: int = 0  # answered probes in the block in progress
+    blocks_at: int = 0  # where the next block's median goes
+    # the array is in a snapshot: copied before it changes (copy on write), so a series'
+    # snapshot and its ring hold one array between probes, not two
+    shared: bool = False
     sent: int = 0
     received: int = 0
     counts: list[int] | None = None  # per BUCKETS bound (then +Inf); None: no histograms
@@ -106,37 +90,56 @@ class _Series:
     # few hundred of a gateway's 20,000 series, and copying them all took 270 ms
     made: SeriesSnapshot | None = None
 
+    def _size(self) -> int:
+        return self.window_size + (self.block_size + self.blocks if self.blocks else 0)
+
     def add(self, rtt: float | None, error: str) -> None:
         self.made = None
         self.sent, self.error = self.sent + 1, error
-        self.window, self.window_at = _pushed(self.window, self.window_size, self.window_at,
-                                              LOST if rtt is None else rtt, "d",
-                                              self.window_shared)
-        self.window_shared = False
-        if rtt is not None:
-            self.received += 1
-            self.rtt_sum += rtt
-            if self.counts is not None:
-                self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
-            self.baseline, self.baseline_at = _pushed(
-                self.baseline, self.baseline_size, self.baseline_at, rtt, "f",
-                self.baseline_shared)
-            self.baseline_shared = False
+        codes = self.codes
+        if not codes or self.shared:
+            codes = self.codes = array("H", codes or bytes(2 * self._size()))
+            self.shared = False
+        code = RTT_LOST if rtt is None else rtt_code(rtt)
+        if self.window_size:
+            codes[self.window_at] = code
+            self.window_at = (self.window_at + 1) % self.window_size
+        if rtt is None:
+            return
+        self.received += 1
+        self.rtt_sum += rtt
+        if self.counts is not None:
+            self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
+        if self.blocks:
+            at = self.window_size
+            codes[at + self.pending] = code
+            self.pending += 1
+            if self.pending == self.block_size:
+                block = sorted(codes[at:at + self.block_size])  # (codes sort as RTTs)
+                low, high = block[(self.block_size - 1) // 2], block[self.block_size // 2]
+                codes[at + self.block_size + self.blocks_at] = (
+                    low if low == high else rtt_code(code_rtt(low) / 2 + code_rtt(high) / 2))
+                self.blocks_at, self.pending = (self.blocks_at + 1) % self.blocks, 0
 
-    def keep_baseline(self, size: int) -> None:
-        """From now on keep a baseline of `size` (its tunnel path went: the verdict reads
-        this one now)."""
-        self.baseline_size, self.baseline, self.baseline_at, self.made = size, (), 0, None
+    def keep_baseline(self, block_size: int, blocks: int) -> None:
+        """From now on keep a baseline (its tunnel path went: the verdict reads this one
+        now); the window so far stays."""
+        window = self.codes[:self.window_size]
+        self.block_size, self.blocks, self.pending, self.blocks_at = block_size, blocks, 0, 0
+        self.codes, self.shared, self.made = (), False, None
+        if window:
+            codes = self.codes = array("H", bytes(2 * self._size()))
+            codes[:self.window_size] = array("H", window)
 
     def snapshot(self) -> SeriesSnapshot:
         if self.made is None:
-            # the arrays themselves, not copied (copied before their next change); () when
-            # empty
-            self.window_shared = self.baseline_shared = True
+            # the array itself, not copied (copied before its next change); () when empty
+            self.shared = bool(self.codes)
             self.made = SeriesSnapshot(  # flat arrays: a float object each would be 3x
                 self.target, self.sent, self.received,
                 array("q", itertools.accumulate(self.counts[:-1])) if self.counts else (),
-                self.rtt_sum, self.window, self.baseline, self.error)
+                self.rtt_sum, self.codes, self.window_size,
+                self.window_size + self.block_size, self.error)
         return self.made
 
 
@@ -161,7 +164,8 @@ def _key(flow: ProbeFlow) -> ChannelKey:
 class Prober:
     def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], interval: float = 1.0,
                  timeout: float = 1.0, privileged: bool | None = None, window: int = 30,
-                 baseline: int = 300, clock: Callable[[], float] = time.monotonic,
+                 baseline: int = 300, baseline_block: int = 10,
+                 clock: Callable[[], float] = time.monotonic,
                  max_rate: float | None = None,
                  skipped: Callable[[], Mapping[str, int]] = dict,
                  histograms: bool = True) -> None:
@@ -181,6 +185,10 @@ class Prober:
         # the urgent flows and the others, in that order: made from _urgent once per plan
         self._split: tuple[list[ProbeFlow], list[ProbeFlow]] | None = None
         self.window, self.baseline, self._clock = window, baseline, clock
+        # the baseline stands for the last `baseline` answered probes: the medians of
+        # blocks of `baseline_block` of them
+        self.baseline_block = max(1, baseline_block)
+        self._blocks = -(-baseline // self.baseline_block) if baseline > 0 else 0
         self._raw, self.disabled_reason = system_probe_mode(privileged)
         self._ident = random.getrandbits(16)  # ours alone: concurrent Probers never collide
         self._seq = random.getrandbits(16)
@@ -289,10 +297,10 @@ class Prober:
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
                 s = self._store[key] = _Series(
-                    key, t, self.window, self.baseline if keep else 0,
+                    key, t, self.window, self.baseline_block, self._blocks if keep else 0,
                     counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
-            elif keep and not s.baseline_size and self.baseline:  # its tunnel path went
-                s.keep_baseline(self.baseline)
+            elif keep and not s.blocks and self._blocks:  # its tunnel path went
+                s.keep_baseline(self.baseline_block, self._blocks)
             if s.target != t:
                 s.target, s.made = t, None
             flow = (t.address, t.mark, t.bind_device)
