@@ -36,7 +36,7 @@ class ProbeTarget:
 # An RTT is kept as a uint16 code on a log scale (2 bytes, where a float in an array is 8):
 # 0 is a ring slot not filled yet, 1 a probe without an answer, 2..65535 the RTTs from
 # 100 ns (and below) to 100 s (and above), 0.032 % a step, so a decoded RTT is within
-# 0.016 % of the measured one (a gateway's 20,000 series with full rings: 7 MiB, not 36).
+# 0.016 % of the measured one.
 RTT_EMPTY, RTT_LOST = 0, 1
 _RTT_FLOOR = 1e-7  # seconds: code 2
 _RTT_SCALE = 65533 / math.log(100 / _RTT_FLOOR)  # codes per e-fold
