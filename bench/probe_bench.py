@@ -194,7 +194,8 @@ def measure(n: int, seconds: float, interval: float, pings: int, dead: int,
         return generate_latest(registry)
 
     at_end = [timed(with_generate_latest)[0] for _ in range(5)]
-    # A long-running prober holds full windows (30) and baselines (300 RTTs) per series:
+    # A long-running prober holds full windows (30) and baselines (the medians of 30 blocks
+    # of 10 answered probes) per series:
     # run rounds back to back (short timeout) until then, and measure a scrape again.
     prober.timeout = 0.05
     for _ in range(fill):
@@ -284,7 +285,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print("\nprobe metrics render (serve renders them once per refresh, not per scrape):")
     for r in rows:
         print(f"  N={r['targets']:>5}: after {r['fill']} more rounds (baselines of "
-              f"{r['baseline_len']}): Prober.snapshot() {r['snapshot_ms']:.1f} ms, then "
+              f"{r['baseline_len']} block medians): Prober.snapshot() "
+              f"{r['snapshot_ms']:.1f} ms, then "
               f"families {r['families_ms']:.1f} ms; families + text: exposition() "
               f"{r['fast_render_ms']:.1f} ms, generate_latest() {r['scrape_render_ms']:.1f} ms "
               f"(right after the run: {r['end_render_ms']:.1f} ms); "

@@ -96,10 +96,10 @@ class FakeChannel:
 
 class FakeProber(Prober):
     def __init__(self, targets: Callable[[], Sequence[ProbeTarget]], net: dict[str, str],
-                 no_socket_marks: tuple[int, ...] = (), histograms: bool = True) -> None:
+                 no_socket_marks: tuple[int, ...] = (), histograms: bool = True,
+                 baseline_block: int = 1) -> None:
         super().__init__(targets, timeout=0.2, privileged=True, window=5, baseline=20,
-                         baseline_block=1,
-                         histograms=histograms)
+                         baseline_block=baseline_block, histograms=histograms)
         self.disabled_reason = ""  # the fake needs no privilege
         self.net, self.no_socket_marks = net, no_socket_marks
         self.opened: list[FakeChannel] = []
@@ -259,14 +259,14 @@ def test_baseline_is_the_medians_of_blocks() -> None:
     Its median is the median of all those RTTs (a remedian) within the code's rounding."""
     from wgnest.probe.prober import _Series
     ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 3)
-    rtts = [0.001 * (1 + (7 * i) % 10) for i in range(45)]  # blocks of 1..10 ms, in turns
-    for i, rtt in enumerate(rtts):
-        ring.add(rtt, "")
+    for i in range(45):  # block k holds k+1 ms .. k+10 ms, in a shuffled order
+        ring.add(0.001 * (i // 10 + 1 + (7 * i) % 10), "")
         if i % 4 == 0:
             ring.add(None, "")  # lost: counted in the window only
     s = ring.snapshot()
-    # four blocks done (the first one overwritten), five probes in progress
-    assert s.baseline == pytest.approx([0.0055] * 3, rel=CODED)
+    # four blocks done, the first (median 5.5 ms) overwritten; five probes in progress
+    assert sorted(s.baseline) == coded([0.0065, 0.0075, 0.0085])
+    assert s.baseline_median == (0.0075, 3)
     assert (s.received, s.sent, len(s.window)) == (45, 57, 30)
     ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 30)
     for i in range(300):  # a slow drift: the blocks' medians follow it
@@ -277,6 +277,50 @@ def test_baseline_is_the_medians_of_blocks() -> None:
     assert base[-1] == pytest.approx(0.03945, rel=CODED)
 
 
+def test_a_jump_is_judged_against_the_blocks_from_the_third_on() -> None:
+    """The verdict counts a baseline from its third block (30 answered probes); then a
+    tunnel that went from 10 to 40 ms is flagged against it, with no direct path."""
+    from wgnest.analysis.latency import judge
+    from wgnest.probe.prober import _Series
+    ring = _Series(("wg0", "k1", "tunnel"), target("10.0.0.1", "tunnel"), 30, 10, 30)
+    for _ in range(29):
+        ring.add(0.010, "")
+    early = ring.snapshot()
+    assert early.baseline_median == (0.01, 2)
+    assert judge(early.recent_median, (None, 0), early.baseline_median) == (
+        False, "ok: real 10 ms, direct path has too few samples")
+    for _ in range(271):
+        ring.add(0.010, "")
+    for _ in range(30):
+        ring.add(0.040, "")
+    s = ring.snapshot()
+    assert (s.recent_median, s.baseline_median) == ((0.04, 30), (0.01, 30))
+    flag, reason = judge(s.recent_median, (None, 0), s.baseline_median)
+    assert flag
+    assert reason == "real path 40 ms jumped 4.0x above its baseline 10 ms (+30 ms)"
+
+
+def test_a_prober_keeps_blocks_and_a_new_baseline_keeps_the_window() -> None:
+    """Through the prober, blocks of 5 of a 20-RTT baseline: 4 entries kept. When the
+    tunnel target goes, the transport gets a baseline, and its window so far stays."""
+    plan = [target("198.18.0.2", "tunnel"), target("198.18.0.3", "transport")]
+    p = FakeProber(lambda: plan, {}, baseline_block=5)
+    for _ in range(27):
+        p.run_once()
+    series = p.snapshot().series
+    assert len(series["wg0", "k1", "tunnel"].baseline) == 4  # 5 blocks done, 2 in progress
+    transport = series["wg0", "k1", "transport"]
+    assert (len(transport.recent), transport.baseline) == (5, ())
+    plan = [target("198.18.0.3", "transport")]  # a new list: a new plan
+    p._adopt(plan)
+    moved = p.snapshot().series["wg0", "k1", "transport"]
+    assert sorted(moved.recent) == sorted(transport.recent)
+    assert (moved.baseline, moved.sent) == ((), 27)
+    for _ in range(5):
+        p.run_once()
+    assert len(p.snapshot().series["wg0", "k1", "transport"].baseline) == 1
+
+
 def test_rtt_codes_round_trip_within_their_step() -> None:
     from wgnest.model.probes import RTT_LOST, code_rtt, median_of_codes, rtt_code
     for rtt in (1.2e-7, 2.5e-5, 0.0001, 0.0123, 0.5, 3.0, 99.0):
@@ -284,6 +328,7 @@ def test_rtt_codes_round_trip_within_their_step() -> None:
     assert rtt_code(0.0) == rtt_code(1e-9) == 2  # below 100 ns: the floor
     assert rtt_code(1e6) == 65535  # above 100 s: the top
     assert math.isnan(code_rtt(RTT_LOST))
+    assert (rtt_code(math.nan), rtt_code(math.inf), rtt_code(-1.0)) == (RTT_LOST, 65535, 2)
     assert rtt_code(0.0101) > rtt_code(0.0100)  # monotonic: medians of codes are medians
     # a median reads to 3 significant digits, as ping shows it: the code's step is hidden
     assert median_of_codes([rtt_code(0.04)] * 3 + [RTT_LOST, 0]) == (0.04, 3)

@@ -42,7 +42,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms"
 
 
-Summary = tuple["float | None", int]  # (median RTT or None, answered probes it is of)
+# (median RTT or None, how many values it is of: answered probes, or a baseline's entries,
+# each the median of a block of them)
+Summary = tuple["float | None", int]
 
 
 def summary(values: Sequence[float]) -> Summary:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from array import array
 from collections.abc import Mapping, Sequence
@@ -39,13 +40,18 @@ class ProbeTarget:
 # 0.016 % of the measured one.
 RTT_EMPTY, RTT_LOST = 0, 1
 _RTT_FLOOR = 1e-7  # seconds: code 2
-_RTT_SCALE = 65533 / math.log(100 / _RTT_FLOOR)  # codes per e-fold
+_RTT_TOP = 100.0  # seconds: code 65535
+_RTT_SCALE = 65533 / math.log(_RTT_TOP / _RTT_FLOOR)  # codes per e-fold
 
 
 def rtt_code(rtt: float) -> int:
-    """The code of an RTT in seconds (see RTT_EMPTY)."""
+    """The code of an RTT in seconds (see RTT_EMPTY); RTT_LOST for NaN."""
+    if rtt != rtt:
+        return RTT_LOST
     if not rtt > _RTT_FLOOR:
         return 2
+    if rtt >= _RTT_TOP:  # (and inf)
+        return 65535
     return min(65535, 2 + round(math.log(rtt / _RTT_FLOOR) * _RTT_SCALE))
 
 
@@ -64,11 +70,12 @@ def _significant(rtt: float) -> float:
 def median_of_codes(codes: Sequence[int]) -> tuple[float | None, int]:
     """The median RTT (seconds) of the answered probes among `codes`, and their count:
     sorted as codes (which sort as their RTTs), only the middle decoded."""
-    xs = sorted(c for c in codes if c > RTT_LOST)
-    n = len(xs)
+    xs = sorted(codes)
+    skip = bisect.bisect_right(xs, RTT_LOST)  # the empty slots and lost probes sort first
+    n = len(xs) - skip
     if not n:
         return None, 0
-    low, high = xs[(n - 1) // 2], xs[n // 2]
+    low, high = xs[skip + (n - 1) // 2], xs[skip + n // 2]
     middle = code_rtt(low) if low == high else code_rtt(low) / 2 + code_rtt(high) / 2
     return _significant(middle), n
 
@@ -99,8 +106,8 @@ class SeriesSnapshot:
            rtt_sum: float, window: Sequence[float], baseline: Sequence[float] = (),
            error: str = "") -> SeriesSnapshot:
         """A snapshot of these RTTs (seconds; NaN in `window` for a lost probe), coded."""
-        codes = array("H", [RTT_LOST if x != x else rtt_code(x) for x in window])
-        codes.extend(map(rtt_code, baseline))
+        codes = array("H", map(rtt_code, window))  # (NaN: RTT_LOST)
+        codes.extend(rtt_code(x) for x in baseline if x == x)
         return cls(target, sent, received, buckets, rtt_sum, codes, len(window), len(window),
                    error)
 
@@ -121,7 +128,10 @@ class SeriesSnapshot:
 
     @property
     def baseline_median(self) -> tuple[float | None, int]:
-        """The baseline's median RTT (seconds), and how many blocks it is of."""
+        """The baseline's median RTT (seconds), and how many entries it is of: blocks of
+        answered probes (the verdict counts a baseline from its third: 30 answered probes,
+        half a minute on a client probed every second, 20-30 min on a gateway whose series
+        are probed every 40-60 s)."""
         return median_of_codes(self.codes[self.baseline_from:])
 
     @property
