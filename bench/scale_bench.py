@@ -406,7 +406,7 @@ def measure_store(peers: int) -> dict[str, Any]:
     direct peer's direct path is its transport's flow, left out of the defaults' plan. Filled
     through the prober's own bookkeeping (no packets)."""
     from wgnest.model.probes import ProbeTarget
-    from wgnest.probe.prober import Prober
+    from wgnest.probe.prober import Prober, probed
     from wgnest.runtime.malloc import tune_malloc
 
     tune_malloc()  # as serve does
@@ -422,10 +422,10 @@ def measure_store(peers: int) -> dict[str, Any]:
 
     def probe_all() -> None:
         nonlocal rtt
-        for s in prober._store.values():  # in turns, as rounds probe them
-            s.add(rtt, "")
+        store = prober._store
+        for key, s in store.items():  # in turns, as rounds probe them
+            store[key] = probed(s, rtt, "")
             rtt = 0.01 + (rtt * 7.31) % 0.01  # distinct floats, as real RTTs are
-        prober._dirty.update(prober._store)  # probed: as a round marks them
         prober.snapshot()  # a refresh between two probes of a series, as in serve
 
     prober._adopt(transports)  # the defaults run: no handshakes, a transport series a peer

@@ -240,8 +240,10 @@ def test_serving_never_imports_prometheus_client() -> None:
             "assert b'wgnest_collector_success' in state.exposition\n"
             "print(*(m in sys.modules for m in sys.argv[1:]))\n")
     # nor PyYAML (only with a web config), importlib.metadata (only for --version), nor
-    # ssl, OpenSSL's hashes or bcrypt (only with TLS or basic auth)
-    unused = ("prometheus_client", "yaml", "importlib.metadata", "ssl", "_hashlib", "bcrypt")
+    # ssl, OpenSSL's hashes or bcrypt (only with TLS or basic auth), tomllib (only with a
+    # peer names file), json (only `check --json`, tags) nor html's entities
+    unused = ("prometheus_client", "yaml", "importlib.metadata", "ssl", "_hashlib", "bcrypt",
+              "tomllib", "json", "html")
     assert run_fresh(code, *unused).stdout.split() == ["False"] * len(unused)
 
 
@@ -263,3 +265,13 @@ def test_samples_writer_writes_what_line_writes(
     _head, line = form
     assert write(fam.samples) == "".join(line(v, x) for v, x in fam.samples)
     assert form[0] + write(fam.samples) == exposition([fam]).decode()
+
+
+@given(st.text())
+def test_status_page_escapes_as_html_does(text: str) -> None:
+    """The status page's own escape (html's module is not loaded) is html.escape's."""
+    import html
+
+    from wgnest.surfaces.status_page import escape
+
+    assert escape(text) == html.escape(text, quote=True)

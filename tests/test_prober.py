@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -222,56 +222,72 @@ def test_baseline_only_on_the_real_path() -> None:
     assert all(0 < x < 1 for x in s.baseline)
 
 
-def test_ring_keeps_the_last_values_shared_until_it_changes() -> None:
-    """A series keeps its last `window` values; what it hands a snapshot is its own array
-    (no copy), which it copies before its next change, so the snapshot never moves."""
-    from wgnest.probe.prober import _Series
-    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 4, 1, 3)
-    assert ring.snapshot().window == ()  # no array until a value comes
-    for x in range(1, 7):
-        ring.add(float(x), "")
-    given = ring.snapshot()
+def probe_all(s: SeriesSnapshot, rtts: Iterable[float | None]) -> SeriesSnapshot:
+    from wgnest.probe.prober import probed
+    for rtt in rtts:
+        s = probed(s, rtt, "")
+    return s
+
+
+def test_ring_keeps_the_last_values_and_a_probe_never_changes_a_snapshot() -> None:
+    """A series keeps its last `window` values; a probe makes a new snapshot with a new
+    array, so a snapshot a reader holds never moves."""
+    from wgnest.probe.prober import new_series, probed
+    fresh = new_series(target("198.18.0.2", "tunnel"), 4, 1, 3, histograms=False)
+    assert (fresh.codes, fresh.window) == ((), ())  # no array until a value comes
+    given = probe_all(fresh, [float(x) for x in range(1, 7)])
     assert (len(given.window), sorted(given.window)) == (4, coded([3.0, 4.0, 5.0, 6.0]))
     assert sorted(given.baseline) == coded([4.0, 5.0, 6.0])
-    assert ring.snapshot() is given  # unchanged: the same snapshot, the same arrays
-    ring.add(7.0, "")
+    after = probed(given, 7.0, "")
     assert sorted(given.window) == coded([3.0, 4.0, 5.0, 6.0])  # the snapshot's values stay
     assert sorted(given.baseline) == coded([4.0, 5.0, 6.0])
-    after = ring.snapshot()
     assert sorted(after.window) == coded([4.0, 5.0, 6.0, 7.0])
     assert sorted(after.baseline) == coded([5.0, 6.0, 7.0])
     assert after.codes is not given.codes
-    ring.add(None, "")  # lost: the window moves, the baseline does not (nor its snapshot's)
-    lost = ring.snapshot()
-    assert (sorted(lost.baseline), lost.loss) == (coded([5.0, 6.0, 7.0]), 0.25)
-    ring.add(8.0, "")
+    lost = probed(after, None, "")  # lost: the window moves, the baseline does not
+    assert (sorted(lost.baseline), lost.loss, lost.sent, lost.received) == (
+        coded([5.0, 6.0, 7.0]), 0.25, 8, 7)
+    last = probed(lost, 8.0, "")
     assert sorted(after.baseline) == coded([5.0, 6.0, 7.0])
-    assert sorted(ring.snapshot().baseline) == coded([6.0, 7.0, 8.0])
-    assert len(ring.codes) == 4 + 1 + 3  # made whole at the first probe, never grown
-    empty = _Series(("wg0", "k1", "direct"), target("198.18.0.2", "direct"), 0, 1, 0)
-    empty.add(1.0, "")
-    assert (empty.snapshot().window, empty.snapshot().baseline) == ((), ())
+    assert sorted(last.baseline) == coded([6.0, 7.0, 8.0])
+    assert len(last.codes) == 4 + 1 + 3  # made whole at the first probe, never grown
+    empty = probe_all(new_series(target("198.18.0.2", "direct"), 0, 1, 0, False), [1.0])
+    assert (empty.window, empty.baseline, empty.received) == ((), (), 1)
+
+
+def test_histogram_counts_are_cumulative_and_never_shared_changed() -> None:
+    """With histograms, a probe adds one to every bucket from its RTT's bound on (an RTT
+    above the last bound to none); a snapshot taken before keeps its counts."""
+    from wgnest.model.probes import BUCKETS
+    from wgnest.probe.prober import new_series, probed
+    fresh = new_series(target("198.18.0.2", "transport"), 30, 10, 30, histograms=True)
+    first = probed(fresh, 0.003, "")  # 2.5 ms < 3 ms <= 5 ms
+    both = probe_all(first, [0.0002, None, 9.0])
+    assert list(fresh.buckets) == [0] * len(BUCKETS)
+    assert list(first.buckets) == [0] * BUCKETS.index(0.005) + [1] * (
+        len(BUCKETS) - BUCKETS.index(0.005))
+    assert both.buckets[BUCKETS.index(0.00025)] == 1
+    assert (both.buckets[-1], both.received, both.sent) == (2, 3, 4)
+    assert both.rtt_sum == pytest.approx(9.0032)
 
 
 def test_baseline_is_the_medians_of_blocks() -> None:
     """With blocks of 10, the baseline keeps one median per 10 answered probes (lost ones
     left out), the last `baseline // 10` of them; the block in progress is not in it yet.
     Its median is the median of all those RTTs (a remedian) within the code's rounding."""
-    from wgnest.probe.prober import _Series
-    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 3)
+    from wgnest.probe.prober import new_series, probed
+    s = new_series(target("198.18.0.2", "tunnel"), 30, 10, 3, histograms=False)
     for i in range(45):  # block k holds k+1 ms .. k+10 ms, in a shuffled order
-        ring.add(0.001 * (i // 10 + 1 + (7 * i) % 10), "")
+        s = probed(s, 0.001 * (i // 10 + 1 + (7 * i) % 10), "")
         if i % 4 == 0:
-            ring.add(None, "")  # lost: counted in the window only
-    s = ring.snapshot()
+            s = probed(s, None, "")  # lost: counted in the window only
     # four blocks done, the first (median 5.5 ms) overwritten; five probes in progress
     assert sorted(s.baseline) == coded([0.0065, 0.0075, 0.0085])
     assert s.baseline_median == (0.0075, 3)
     assert (s.received, s.sent, len(s.window)) == (45, 57, 30)
-    ring = _Series(("wg0", "k1", "tunnel"), target("198.18.0.2", "tunnel"), 30, 10, 30)
-    for i in range(300):  # a slow drift: the blocks' medians follow it
-        ring.add(0.010 + 0.0001 * i, "")
-    base = sorted(ring.snapshot().baseline)
+    drift = new_series(target("198.18.0.2", "tunnel"), 30, 10, 30, histograms=False)
+    # a slow drift: the blocks' medians follow it
+    base = sorted(probe_all(drift, (0.010 + 0.0001 * i for i in range(300))).baseline)
     assert len(base) == 30
     assert base[0] == pytest.approx(0.01045, rel=CODED)
     assert base[-1] == pytest.approx(0.03945, rel=CODED)
@@ -281,19 +297,13 @@ def test_a_jump_is_judged_against_the_blocks_from_the_third_on() -> None:
     """The verdict counts a baseline from its third block (30 answered probes); then a
     tunnel that went from 10 to 40 ms is flagged against it, with no direct path."""
     from wgnest.analysis.latency import judge
-    from wgnest.probe.prober import _Series
-    ring = _Series(("wg0", "k1", "tunnel"), target("10.0.0.1", "tunnel"), 30, 10, 30)
-    for _ in range(29):
-        ring.add(0.010, "")
-    early = ring.snapshot()
+    from wgnest.probe.prober import new_series
+    start = new_series(target("10.0.0.1", "tunnel"), 30, 10, 30, histograms=False)
+    early = probe_all(start, [0.010] * 29)
     assert early.baseline_median == (0.01, 2)
     assert judge(early.recent_median, (None, 0), early.baseline_median) == (
         False, "ok: real 10 ms, direct path has too few samples")
-    for _ in range(271):
-        ring.add(0.010, "")
-    for _ in range(30):
-        ring.add(0.040, "")
-    s = ring.snapshot()
+    s = probe_all(early, [0.010] * 271 + [0.040] * 30)
     assert (s.recent_median, s.baseline_median) == ((0.04, 30), (0.01, 30))
     flag, reason = judge(s.recent_median, (None, 0), s.baseline_median)
     assert flag
@@ -348,8 +358,9 @@ def test_a_new_plan_indexes_the_stores_own_keys() -> None:
     later = [dataclasses.replace(first[0], urgent=True), dataclasses.replace(first[1]),
              target("198.18.0.4", "transport", key="k2")]
     p._adopt(later)
+    from wgnest.probe.prober import keys_of
     stored = {id(k) for k in p._store}
-    indexed = [k for keys in p._by_flow.values() for k in keys]
+    indexed = [k for keys in p._by_flow.values() for k in keys_of(keys)]
     assert sorted(indexed) == sorted(p._store)
     assert all(id(k) in stored for k in indexed)
 
@@ -379,8 +390,7 @@ def test_a_series_snapshot_holds_the_rings_arrays_not_copies() -> None:
         p.run_once()
     key = ("wg0", "k1", "tunnel")
     s = p.snapshot().series[key]
-    ring = p._store[key]
-    assert s.codes is ring.codes
+    assert p._store[key] is s  # the store holds the series as this snapshot
     before = list(s.window)
     lost = p.snapshot().series["wg0", "k1", "direct"]
     assert (lost.recent, lost.recent_sent, lost.loss) == ([], 3, 1.0)
@@ -914,3 +924,27 @@ def test_probe_text_is_the_exposition_of_the_lean_families() -> None:
     assert b'wireguard_peer_rtt_seconds{device="wg0",path="transport",public_key="k1"} 0.09' \
         in got
     assert cache.peers["k2"][1] is kept["k2"][1]
+
+
+def test_peers_series_groups_each_peer_once_and_anomalous_peers_are_the_flagged() -> None:
+    """Series in any order come out one peer at a time, peers sorted and paths in PATHS
+    order; anomalous_peers() is the peers whose verdict flags them (what peer_latencies
+    says), for the probe plan's urgent ones."""
+    from wgnest.analysis.latency import anomalous_peers, peers_series
+
+    def series(addr: str, path: str, key: str, rtt: float) -> SeriesSnapshot:
+        return SeriesSnapshot.of(target(addr, path, key=key), 30, 30, (), 30 * rtt, [rtt] * 30)
+
+    snap = ProbeSnapshot({
+        ("wg1", "kb", "direct"): series("198.18.0.9", "direct", "kb", 0.010),
+        ("wg0", "kz", "transport"): series("198.18.0.3", "transport", "kz", 0.010),
+        ("wg1", "kb", "tunnel"): series("10.0.0.9", "tunnel", "kb", 0.060),
+        ("wg0", "ka", "tunnel"): series("10.0.0.2", "tunnel", "ka", 0.011),
+        ("wg0", "ka", "direct"): series("198.18.0.2", "direct", "ka", 0.010),
+    })
+    grouped = [(d, k, list(paths)) for d, k, paths in peers_series(snap)]
+    assert grouped == [("wg0", "ka", ["tunnel", "direct"]), ("wg0", "kz", ["transport"]),
+                       ("wg1", "kb", ["tunnel", "direct"])]
+    assert anomalous_peers(snap) == {("wg1", "kb")}
+    every = peer_latencies(snap, [(d, k) for d, k, _ in grouped])
+    assert {p for p, v in every.items() if v.anomaly} == anomalous_peers(snap)

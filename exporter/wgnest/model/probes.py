@@ -82,8 +82,8 @@ def median_of_codes(codes: Sequence[int]) -> tuple[float | None, int]:
 
 @dataclass(frozen=True, slots=True)
 class SeriesSnapshot:
-    """One target's counts and rings. `codes` is the prober's own array of RTT codes,
-    shared until the series is probed again (no copy per series): its first `window_size`
+    """One target's counts and rings. `codes` is an array of RTT codes the prober never
+    changes (a probe makes a new snapshot with a new array): its first `window_size`
     slots are the last probes, RTT_LOST for the unanswered; from `baseline_from` on, the
     baseline: each the median of a block of answered probes (a remedian: the median of
     those is the median of the hundreds of RTTs they stand for, within the spread of a
@@ -100,6 +100,13 @@ class SeriesSnapshot:
     window_size: int
     baseline_from: int
     error: str = ""  # why the last probe to this target failed to send; silence is no error
+    # the prober's places in `codes` (it keeps a series as this snapshot alone): where the
+    # next probe's code goes, the answered probes in the block in progress, where the next
+    # block's median goes, and how many block medians the baseline keeps (0: no baseline)
+    window_at: int = 0
+    pending: int = 0
+    blocks_at: int = 0
+    blocks: int = 0
 
     @classmethod
     def of(cls, target: ProbeTarget, sent: int, received: int, buckets: Sequence[int],

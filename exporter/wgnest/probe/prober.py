@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import itertools
 import os
 import random
 import select
@@ -21,7 +20,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TypeAlias
 
@@ -57,93 +56,76 @@ def _reason(err: OSError) -> str:
     return "error"
 
 
-Codes: TypeAlias = "array[int] | tuple[()]"  # RTT codes (model.probes.rtt_code); ()
+_NO_COUNTS = array("q", bytes(8 * len(BUCKETS)))  # (shared: a series' counts never change)
 
 
-@dataclass(slots=True)
-class _Series:
-    """A target's counts and its RTT codes, held here rather than in objects of their own
-    (a gateway's 10,000 series: 1.4 MB). `codes` is one flat array made at its full size at
-    the first probe and then changed in place (float arrays grown by appends, and copied
-    at every size as snapshots shared them, left the heap in holes: after hours at 10,000
-    connected peers +89.8 MiB, now +16.5): the window's ring, then the block in progress
+def new_series(target: ProbeTarget, window_size: int, block_size: int, blocks: int,
+               histograms: bool) -> SeriesSnapshot:
+    """A target's series before its first probe: no RTT codes yet (a gateway's series not
+    probed yet hold no array); `blocks` baseline entries of `block_size` answered probes
+    each (0: no baseline, the direct path's)."""
+    return SeriesSnapshot(target, 0, 0, _NO_COUNTS if histograms else (), 0.0, (),
+                          window_size, window_size + block_size, blocks=blocks)
+
+
+def probed(s: SeriesSnapshot, rtt: float | None, error: str) -> SeriesSnapshot:
+    """`s` after one more probe (`rtt` None: lost), as a new snapshot. The store holds a
+    series as its snapshot alone (a gateway's 10,000 series: no second object each); the
+    new one has its own array of codes, made at its full size at the first probe, so a
+    snapshot a reader holds never changes: the window's ring, then the block in progress
     and the baseline's ring of block medians (see SeriesSnapshot)."""
+    block_size, blocks = s.baseline_from - s.window_size, s.blocks
+    codes = array("H", s.codes or bytes(
+        2 * (s.baseline_from + blocks if blocks else s.window_size)))
+    code = RTT_LOST if rtt is None else rtt_code(rtt)
+    window_at, pending, blocks_at = s.window_at, s.pending, s.blocks_at
+    if s.window_size:
+        codes[window_at] = code
+        window_at = (window_at + 1) % s.window_size
+    if rtt is None:
+        return SeriesSnapshot(s.target, s.sent + 1, s.received, s.buckets, s.rtt_sum, codes,
+                              s.window_size, s.baseline_from, error, window_at, pending,
+                              blocks_at, blocks)
+    buckets = s.buckets
+    if buckets:  # cumulative: one more in every bucket from the RTT's own on
+        buckets = array("q", buckets)
+        for i in range(bisect.bisect_left(BUCKETS, rtt), len(buckets)):
+            buckets[i] += 1
+    if blocks:
+        at = s.window_size
+        codes[at + pending] = code
+        pending += 1
+        if pending == block_size:
+            block = sorted(codes[at:at + block_size])  # (codes sort as RTTs)
+            low, high = block[(block_size - 1) // 2], block[block_size // 2]
+            codes[s.baseline_from + blocks_at] = (
+                low if low == high else rtt_code(code_rtt(low) / 2 + code_rtt(high) / 2))
+            blocks_at, pending = (blocks_at + 1) % blocks, 0
+    return SeriesSnapshot(s.target, s.sent + 1, s.received + 1, buckets, s.rtt_sum + rtt,
+                          codes, s.window_size, s.baseline_from, error, window_at, pending,
+                          blocks_at, blocks)
 
-    key: SeriesKey  # its key in the store, the one object every index of it holds
-    target: ProbeTarget
-    window_size: int  # the last probes kept, RTT_LOST for the unanswered ones
-    block_size: int  # answered probes a baseline entry is the median of
-    blocks: int  # baseline entries kept (0: no baseline, the direct path's)
-    codes: Codes = ()
-    window_at: int = 0  # where the next probe's code goes
-    pending: int = 0  # answered probes in the block in progress
-    blocks_at: int = 0  # where the next block's median goes
-    # the array is in a snapshot: copied before it changes (copy on write), so a series'
-    # snapshot and its ring hold one array between probes, not two
-    shared: bool = False
-    sent: int = 0
-    received: int = 0
-    counts: list[int] | None = None  # per BUCKETS bound (then +Inf); None: no histograms
-    rtt_sum: float = 0.0
-    error: str = ""
-    # its last snapshot, kept until a probe or a new target changes it: a round probes a
-    # few hundred of a gateway's 20,000 series, and copying them all took 270 ms
-    made: SeriesSnapshot | None = None
 
-    def _size(self) -> int:
-        return self.window_size + (self.block_size + self.blocks if self.blocks else 0)
-
-    def add(self, rtt: float | None, error: str) -> None:
-        self.made = None
-        self.sent, self.error = self.sent + 1, error
-        codes = self.codes
-        if not codes or self.shared:
-            codes = self.codes = array("H", codes or bytes(2 * self._size()))
-            self.shared = False
-        code = RTT_LOST if rtt is None else rtt_code(rtt)
-        if self.window_size:
-            codes[self.window_at] = code
-            self.window_at = (self.window_at + 1) % self.window_size
-        if rtt is None:
-            return
-        self.received += 1
-        self.rtt_sum += rtt
-        if self.counts is not None:
-            self.counts[bisect.bisect_left(BUCKETS, rtt)] += 1
-        if self.blocks:
-            at = self.window_size
-            codes[at + self.pending] = code
-            self.pending += 1
-            if self.pending == self.block_size:
-                block = sorted(codes[at:at + self.block_size])  # (codes sort as RTTs)
-                low, high = block[(self.block_size - 1) // 2], block[self.block_size // 2]
-                codes[at + self.block_size + self.blocks_at] = (
-                    low if low == high else rtt_code(code_rtt(low) / 2 + code_rtt(high) / 2))
-                self.blocks_at, self.pending = (self.blocks_at + 1) % self.blocks, 0
-
-    def keep_baseline(self, block_size: int, blocks: int) -> None:
-        """From now on keep a baseline (its tunnel path went: the verdict reads this one
-        now); the window so far stays."""
-        window = self.codes[:self.window_size]
-        self.block_size, self.blocks, self.pending, self.blocks_at = block_size, blocks, 0, 0
-        self.codes, self.shared, self.made = (), False, None
-        if window:
-            codes = self.codes = array("H", bytes(2 * self._size()))
-            codes[:self.window_size] = array("H", window)
-
-    def snapshot(self) -> SeriesSnapshot:
-        if self.made is None:
-            # the array itself, not copied (copied before its next change); () when empty
-            self.shared = bool(self.codes)
-            self.made = SeriesSnapshot(  # flat arrays: a float object each would be 3x
-                self.target, self.sent, self.received,
-                array("q", itertools.accumulate(self.counts[:-1])) if self.counts else (),
-                self.rtt_sum, self.codes, self.window_size,
-                self.window_size + self.block_size, self.error)
-        return self.made
+def with_baseline(s: SeriesSnapshot, block_size: int, blocks: int) -> SeriesSnapshot:
+    """`s` keeping a baseline from now on (its tunnel path went: the verdict reads this one
+    now); the window so far stays."""
+    window = s.codes[:s.window_size]
+    codes: Sequence[int] = ()
+    if window:
+        codes = array("H", bytes(2 * (s.window_size + block_size + blocks)))
+        codes[:s.window_size] = array("H", window)
+    return replace(s, codes=codes, baseline_from=s.window_size + block_size, pending=0,
+                   blocks_at=0, blocks=blocks)
 
 
 ProbeFlow = tuple[IPv4Address | IPv6Address, int, str]  # (address, mark, device)
+FlowKeys: TypeAlias = "SeriesKey | tuple[SeriesKey, ...]"  # one key, or the keys of several
+
+
+def keys_of(keys: FlowKeys) -> tuple[SeriesKey, ...]:
+    """The keys of a flow's series (a SeriesKey's first item is a string; a tuple of keys'
+    is a key)."""
+    return (keys,) if keys and isinstance(keys[0], str) else keys
 Result = tuple[float | None, str]  # (rtt or None when lost, error)
 
 
@@ -180,9 +162,10 @@ class Prober:
         self._cursor = 0
         self._flows = self._per_round = 0
         self._source: Sequence[ProbeTarget] | None = None  # the target list last adopted
-        self._by_flow: dict[ProbeFlow, tuple[SeriesKey, ...]] = {}
-        self._urgent: dict[ProbeFlow, bool] = {}  # every flow, in target order: urgent?
-        # the urgent flows and the others, in that order: made from _urgent once per plan
+        # every flow, in target order: its series' key, or keys when several share it
+        self._by_flow: dict[ProbeFlow, FlowKeys] = {}
+        self._urgent: set[ProbeFlow] = set()  # the nested, looping and anomalous ones
+        # the urgent flows and the others, in that order: made once per plan
         self._split: tuple[list[ProbeFlow], list[ProbeFlow]] | None = None
         self.window, self.baseline, self._clock = window, baseline, clock
         # the baseline stands for the last `baseline` answered probes: the medians of
@@ -196,11 +179,9 @@ class Prober:
         self._loop = Periodic("wgnest-prober", interval, self.run_once, self._round_failed,
                               clock)
         self._channels: dict[ChannelKey, Channel] = {}
-        self._store: dict[SeriesKey, _Series] = {}
-        # every series' snapshot as last taken, and the keys probed or changed since: a
-        # snapshot of the prober copies this dict, never the 20,000 series one by one
-        self._snapped: dict[SeriesKey, SeriesSnapshot] = {}
-        self._dirty: set[SeriesKey] = set()
+        # every series as its latest snapshot, by peer then path (series_order): a snapshot
+        # of the prober copies this dict, never the 20,000 series one by one
+        self._store: dict[SeriesKey, SeriesSnapshot] = {}
         self._failure: SourceFailure | None = None
         self._round_seconds = 0.0
         self._rounds = 0
@@ -219,10 +200,7 @@ class Prober:
 
     def snapshot(self) -> ProbeSnapshot:
         with self._lock:
-            for key in self._dirty:
-                self._snapped[key] = self._store[key].snapshot()
-            self._dirty.clear()
-            series = dict(self._snapped)
+            series = dict(self._store)
             return ProbeSnapshot(series, self._failure, self._round_seconds, self._rounds,
                                  dict(self._send_errors), self._flows, self._per_round,
                                  dict(self._skipped()))
@@ -252,8 +230,6 @@ class Prober:
             with self._lock:
                 if self.disabled_reason:
                     self._store.clear()
-                    self._snapped.clear()
-                    self._dirty.clear()
                     self._failure = SourceFailure("probe", "disabled", self.disabled_reason)
                     return
                 if source is not self._source:  # a new plan (once per snapshot)
@@ -267,11 +243,11 @@ class Prober:
                             began + start / self.max_rate if self.max_rate else None)
             self._close_channels(keep=used)
             with self._lock:
+                store = self._store
                 for flow, result in results.items():
-                    for key in self._by_flow.get(flow, ()):
-                        if (series := self._store.get(key)) is not None:
-                            series.add(*result)
-                            self._dirty.add(key)
+                    for key in keys_of(self._by_flow.get(flow, ())):
+                        if (series := store.get(key)) is not None:
+                            store[key] = probed(series, *result)
                 self._failure = SourceFailure(
                     "probe", "eperm", "; ".join(unopened[:3]) + HINTS["eperm"]) if unopened \
                     else None
@@ -285,44 +261,42 @@ class Prober:
             self._source = source
             return
         targets = {(t.device, t.public_key, t.path): t for t in source}
-        for key in set(self._store) - set(targets):
-            del self._store[key]  # vanished: its series disappear
+        old, fresh = self._store, {}
         by_flow: dict[ProbeFlow, list[SeriesKey]] = {}
-        urgent: dict[ProbeFlow, bool] = {}
+        urgent: set[ProbeFlow] = set()
         tunnelled = {(t.device, t.public_key) for t in source if t.path == "tunnel"}
         for key, t in targets.items():  # new ones appear at zero before the probe
-            s = self._store.get(key)
+            s = old.get(key)
             # a baseline only where the latency verdict reads one: the tunnel path, else
             # the transport (as analysis.latency picks the "real" path)
             keep = t.path == "tunnel" or (t.path == "transport" and key[:2] not in tunnelled)
             if s is None:
-                s = self._store[key] = _Series(
-                    key, t, self.window, self.baseline_block, self._blocks if keep else 0,
-                    counts=[0] * (len(BUCKETS) + 1) if self._histograms else None)
+                s = new_series(t, self.window, self.baseline_block, self._blocks if keep else 0,
+                               self._histograms)
             elif keep and not s.blocks and self._blocks:  # its tunnel path went
-                s.keep_baseline(self.baseline_block, self._blocks)
+                s = with_baseline(s, self.baseline_block, self._blocks)
             if s.target != t:
-                s.target, s.made = t, None
+                s = replace(s, target=t)
+            fresh[key] = s  # vanished targets: their series disappear
             flow = (t.address, t.mark, t.bind_device)
-            # the store's own key (an equal new one each plan would be 64 bytes a series)
-            by_flow.setdefault(flow, []).append(s.key)
-            urgent[flow] = urgent.get(flow, False) or t.urgent
-        # (tuples: a list of two keys per flow is 40 bytes more, 20,000 times)
+            by_flow.setdefault(flow, []).append(key)  # the store's own key object
+            if t.urgent:
+                urgent.add(flow)
         self._source, self._urgent = source, urgent
-        self._by_flow = {flow: tuple(keys) for flow, keys in by_flow.items()}
+        # a flow's one key alone (a tuple of one is 48 bytes, for most of 10,000 flows)
+        self._by_flow = {flow: keys[0] if len(keys) == 1 else tuple(keys)
+                         for flow, keys in by_flow.items()}
         self._split = None
         # the snapshot's series in one order (by peer, then path), whatever the plan's
         # (urgent peers first): every reader groups them the same way, and a peer's verdict
         # is found again by the very same series in the same order (a series' snapshot is
-        # kept until it changes: this makes only those of new, probed or changed series)
-        self._snapped = {k: self._store[k].snapshot()
-                         for k in sorted(self._store, key=series_order)}
-        self._dirty.clear()
+        # kept until it changes: only new, probed or changed series are new objects)
+        self._store = {k: fresh[k] for k in sorted(fresh, key=series_order)}
 
     def _this_round(self) -> list[ProbeFlow]:
         """The flows of this round: all of them, or within the budget the urgent ones and
         the next others in turn, so every flow is reached within flows / budget rounds."""
-        ordered = self._urgent
+        ordered = self._by_flow
         budget = len(ordered)
         if self.max_rate is not None:
             budget = min(budget, max(1, int(self.max_rate * self.interval)))
@@ -331,8 +305,8 @@ class Prober:
             chosen = list(ordered)
         else:
             if self._split is None:  # (once per plan, not per round)
-                self._split = ([f for f, urgent in ordered.items() if urgent],
-                               [f for f, urgent in ordered.items() if not urgent])
+                self._split = ([f for f in ordered if f in self._urgent],
+                               [f for f in ordered if f not in self._urgent])
             urgent_flows, rest = self._split
             first = urgent_flows[:budget]
             take = budget - len(first)

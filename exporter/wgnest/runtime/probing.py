@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from wgnest.analysis.latency import PeerLatency, peer_latencies
+from wgnest.analysis.latency import PeerLatency, anomalous_peers, peer_latencies
 from wgnest.analysis.paths import PeerPath
 from wgnest.model.host import Snapshot
 from wgnest.model.probes import ProbeSnapshot, ProbeTarget
@@ -39,10 +39,8 @@ def make_prober(args: argparse.Namespace,
             return None
         if not last or last[0][0] is not current[0]:
             snap, paths, probes = current
-            verdicts = peer_latencies(probes if probes is not None else prober.snapshot(),
-                                      [(p.device, p.public_key) for p in paths],
-                                      args.anomaly_ratio, args.anomaly_min_excess)
-            urgent = {k for k, v in verdicts.items() if v.anomaly}
+            urgent = anomalous_peers(probes if probes is not None else prober.snapshot(),
+                                     args.anomaly_ratio, args.anomaly_min_excess)
             last[:] = [(snap, probe_targets(snap, paths, explicit, selection, urgent, kept,
                                             merge))]
         return last[0][1]

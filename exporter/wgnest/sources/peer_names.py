@@ -14,9 +14,7 @@ or error ever quotes a line of input.
 from __future__ import annotations
 
 import base64
-import json
 import re
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +50,7 @@ def _valid_key(key: str) -> bool:
 def _json_name(text: str) -> str:
     """The name in MindFlavor's `# friendly_json = {...}` tag: its `friendly_name` or `name`
     string; "" when the JSON is not an object or has neither."""
+    import json  # (here: serve with no tags to read never loads it)
     try:
         doc = json.loads(text)
     except ValueError:
@@ -157,6 +156,7 @@ def _read_config(path: Path, names: dict[str, str], warnings: list[str]) -> None
 
 
 def _read_peer_file(path: Path, names: dict[str, str], warnings: list[str]) -> None:
+    import tomllib  # (here: only a peer names file loads it, 0.25 MiB)
     where = _show(str(path))
     try:
         data = tomllib.loads(read_config_bytes(path).decode("utf-8"))

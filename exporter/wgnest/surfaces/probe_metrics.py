@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from wgnest.analysis.latency import PeerLatency, direct_of, peer_verdict
-from wgnest.model.probes import BUCKETS, ProbeSnapshot, SeriesSnapshot, series_order
+from wgnest.analysis.latency import PeerLatency, direct_of, peer_verdict, peers_series
+from wgnest.model.probes import BUCKETS, ProbeSnapshot, SeriesSnapshot
 from wgnest.surfaces.exposition import (
     Family,
     counter,
@@ -50,7 +50,7 @@ def probe_families(snap: ProbeSnapshot, ratio: float = 1.5, min_excess: float = 
     over = gauge("wireguard_peer_latency_overhead_ratio",
                  "Median RTT of the path the tunnel really takes over the direct path's; "
                  "absent if unknown.", *DP)
-    peers = _peer_paths(snap)
+    peers = {(device, key): paths for device, key, paths in peers_series(snap)}
     if detail:
         for (device, public_key), paths in peers.items():
             for path, s in paths.items():
@@ -108,14 +108,6 @@ def _prober_families(snap: ProbeSnapshot) -> tuple[Family, ...]:
     return send_errors, flows, per_round, skipped
 
 
-def _peer_paths(snap: ProbeSnapshot) -> dict[tuple[str, str], dict[str, SeriesSnapshot]]:
-    """The series of each peer, peers sorted, each peer's paths in PATHS order."""
-    peers: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
-    for key, s in sorted(snap.series.items(), key=lambda kv: series_order(kv[0])):
-        peers.setdefault((key[0], key[1]), {})[key[2]] = s
-    return peers
-
-
 def _peer_samples(device: str, public_key: str, paths: dict[str, SeriesSnapshot],
                   verdict: PeerLatency) -> list[tuple[tuple[str, str, str], float]]:
     """The peer's median samples: the real path and, when its flow differs (a nested
@@ -158,7 +150,7 @@ def probe_text(snap: ProbeSnapshot, ratio: float, min_excess: float, cache: Prob
     medians: list[str] = []
     anomalies: list[str] = []
     formats: dict[str, str | None] = {}  # device -> key_format of the anomaly family
-    for (device, public_key), paths in _peer_paths(snap).items():
+    for device, public_key, paths in peers_series(snap):
         verdict = peer_verdict(device, public_key, paths, ratio, min_excess)
         hit = old.get(public_key)
         if hit is not None and hit[0] is verdict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,11 @@ def failure_json(f: SourceFailure) -> dict[str, str]:
     return doc
 
 
+def _json(doc: object) -> str:
+    import json  # (here: `wgnest check --json` needs it, serve never does)
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None = None,
                 prober: SourceFailure | None = None) -> str:
     v = check_result(snap, paths, latency, prober)
@@ -154,7 +158,7 @@ def render_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | No
         **_namespace_json(snap, paths, latency),
         "errors": [failure_json(f) for f in (*snap.failures, *([prober] if prober else []))],
     }
-    return json.dumps(doc, indent=2) + "\n"
+    return _json(doc)
 
 
 def _namespace_json(snap: Snapshot, paths: Sequence[PeerPath], latency: Latency | None
@@ -229,7 +233,7 @@ def render_json_netns(views: Sequence[NetnsReport], failures: Sequence[SourceFai
         "namespaces": namespaces,
         "errors": [failure_json(f) for f in (*failures, *([prober] if prober else []))],
     }
-    return json.dumps(doc, indent=2) + "\n"
+    return _json(doc)
 
 
 def _path_json(p: PeerPath, found: tuple[Device, Peer] | None, lat: PeerLatency | None
