@@ -161,9 +161,7 @@ def peer_latencies(snap: ProbeSnapshot, peers: Iterable[tuple[str, str]], ratio:
     """Medians, loss and the anomaly verdict of each (device, public_key), for `wgnest
     check` and the status page. The series are grouped by peer once (scanning them per
     peer would be quadratic in the peers)."""
-    grouped: dict[tuple[str, str], dict[str, SeriesSnapshot]] = {}
-    for key, s in snap.series.items():
-        grouped.setdefault((key[0], key[1]), {})[key[2]] = s
+    grouped = {(device, public_key): paths for device, public_key, paths in peers_series(snap)}
     return {(device, public_key): peer_verdict(device, public_key,
                                            grouped.get((device, public_key), {}), ratio,
                                            min_excess)

@@ -82,16 +82,14 @@ def probed(s: SeriesSnapshot, rtt: float | None, error: str) -> SeriesSnapshot:
     if s.window_size:
         codes[window_at] = code
         window_at = (window_at + 1) % s.window_size
-    if rtt is None:
-        return SeriesSnapshot(s.target, s.sent + 1, s.received, s.buckets, s.rtt_sum, codes,
-                              s.window_size, s.baseline_from, error, window_at, pending,
-                              blocks_at, blocks)
-    buckets = s.buckets
-    if buckets:  # cumulative: one more in every bucket from the RTT's own on
+    received, rtt_sum, buckets = s.received, s.rtt_sum, s.buckets
+    if rtt is not None:
+        received, rtt_sum = received + 1, rtt_sum + rtt
+    if rtt is not None and buckets:  # cumulative: one more in each from the RTT's own on
         buckets = array("q", buckets)
         for i in range(bisect.bisect_left(BUCKETS, rtt), len(buckets)):
             buckets[i] += 1
-    if blocks:
+    if rtt is not None and blocks:
         at = s.window_size
         codes[at + pending] = code
         pending += 1
@@ -101,8 +99,8 @@ def probed(s: SeriesSnapshot, rtt: float | None, error: str) -> SeriesSnapshot:
             codes[s.baseline_from + blocks_at] = (
                 low if low == high else rtt_code(code_rtt(low) / 2 + code_rtt(high) / 2))
             blocks_at, pending = (blocks_at + 1) % blocks, 0
-    return SeriesSnapshot(s.target, s.sent + 1, s.received + 1, buckets, s.rtt_sum + rtt,
-                          codes, s.window_size, s.baseline_from, error, window_at, pending,
+    return SeriesSnapshot(s.target, s.sent + 1, received, buckets, rtt_sum, codes,
+                          s.window_size, s.baseline_from, error, window_at, pending,
                           blocks_at, blocks)
 
 
@@ -110,23 +108,21 @@ def with_baseline(s: SeriesSnapshot, block_size: int, blocks: int) -> SeriesSnap
     """`s` keeping a baseline from now on (its tunnel path went: the verdict reads this one
     now); the window so far stays."""
     window = s.codes[:s.window_size]
-    codes: Sequence[int] = ()
-    if window:
-        codes = array("H", bytes(2 * (s.window_size + block_size + blocks)))
-        codes[:s.window_size] = array("H", window)
+    codes: Sequence[int] = (
+        array("H", window) + array("H", bytes(2 * (block_size + blocks))) if window else ())
     return replace(s, codes=codes, baseline_from=s.window_size + block_size, pending=0,
                    blocks_at=0, blocks=blocks)
 
 
 ProbeFlow = tuple[IPv4Address | IPv6Address, int, str]  # (address, mark, device)
 FlowKeys: TypeAlias = "SeriesKey | tuple[SeriesKey, ...]"  # one key, or the keys of several
+Result = tuple[float | None, str]  # (rtt or None when lost, error)
 
 
 def keys_of(keys: FlowKeys) -> tuple[SeriesKey, ...]:
     """The keys of a flow's series (a SeriesKey's first item is a string; a tuple of keys'
     is a key)."""
     return (keys,) if keys and isinstance(keys[0], str) else keys
-Result = tuple[float | None, str]  # (rtt or None when lost, error)
 
 
 @dataclass(slots=True)
